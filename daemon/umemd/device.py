@@ -1,0 +1,282 @@
+"""The umem device ABI: the control node and the server fd.
+
+Constants and struct layouts come from the kernel's uapi header through the
+cffi module built from it (``umemd._umem_abi``); nothing here repeats a
+number from the header. Docs: docs/kernel-abi.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from umemd._umem_abi import ffi, lib
+from umemd.errors import (
+    ApiMismatchError,
+    DeviceError,
+    InstanceExistsError,
+    InstanceNotFoundError,
+    ModuleNotLoadedError,
+    ServerBusyError,
+)
+
+DEV_DIR = Path("/dev/umem")
+CONTROL_PATH = DEV_DIR / "control"
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+FAULT_SIZE = ffi.sizeof("struct umem_fault")
+FILL_MAX_RANGES = lib.UMEM_FILL_MAX_RANGES
+NAME_MAX = lib.UMEM_NAME_MAX - 1
+
+_ERRORS_BY_ERRNO: dict[int, type[DeviceError]] = {
+    errno.EEXIST: InstanceExistsError,
+    errno.ENOENT: InstanceNotFoundError,
+    errno.EBUSY: ServerBusyError,
+}
+
+
+def node_path(name: str) -> Path:
+    """The instance node QEMU maps: /dev/umem/<name>."""
+    return DEV_DIR / name
+
+
+def _ioctl(fd: int, request: int, arg: Any, what: str) -> None:
+    ffi.errno = 0
+    if lib.ioctl(fd, request, arg) < 0:
+        err = ffi.errno
+        raise _ERRORS_BY_ERRNO.get(err, DeviceError)(err, what)
+
+
+def _fd_flags(nonblock: bool) -> int:
+    return lib.UMEM_FD_CLOEXEC | (lib.UMEM_FD_NONBLOCK if nonblock else 0)
+
+
+def _encode_name(name: str) -> bytes:
+    raw = name.encode()
+    if not 1 <= len(raw) <= NAME_MAX:
+        raise DeviceError(errno.EINVAL, f"instance name {name!r} must be 1 to {NAME_MAX} bytes")
+    return raw
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """One entry of :meth:`Control.list`."""
+
+    name: str
+    size: int
+    present: int
+    served: bool
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault record read from the server fd."""
+
+    offset: int
+    write: bool
+
+
+@dataclass(frozen=True)
+class FillResult:
+    """Pages made present and pages left alone because they were present."""
+
+    done: int
+    skipped: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counters of one instance (struct umem_stats)."""
+
+    size: int
+    pages: int
+    present: int
+    requested: int
+    faults: int
+    waiters: int
+    wait_ns: int
+    filled: int
+    zeroed: int
+    skipped: int
+
+
+class Control:
+    """An open /dev/umem/control, past the UMEM_API handshake."""
+
+    def __init__(self, path: Path = CONTROL_PATH) -> None:
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ModuleNotLoadedError(
+                errno.ENOENT,
+                f"{path} not found: the umem module is not loaded (insmod kernel/umem.ko)",
+            ) from None
+        except OSError as e:
+            raise DeviceError(e.errno or 0, f"cannot open {path} (it is root only)") from e
+        try:
+            self.features, self.ioctls = self._handshake()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _handshake(self) -> tuple[int, int]:
+        api = ffi.new("struct umem_api *", {"api": lib.UMEM_API_VERSION, "features": lib.UMEM_API_FEATURES})
+        try:
+            _ioctl(self._fd, lib.UMEM_API, api, "UMEM_API handshake")
+        except DeviceError as e:
+            if e.errno == errno.EINVAL:
+                raise ApiMismatchError(
+                    f"the loaded umem module does not speak API {lib.UMEM_API_VERSION}: "
+                    "rebuild and reload kernel/umem.ko from this checkout"
+                ) from e
+            raise
+        return int(api.features), int(api.ioctls)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Control:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create(self, name: str, size: int, *, nonblock: bool = False) -> Server:
+        """Create instance ``name`` of ``size`` bytes; return its server."""
+        req = ffi.new("struct umem_create *", {"size": size, "flags": _fd_flags(nonblock)})
+        ffi.memmove(req.name, _encode_name(name), len(name.encode()))
+        _ioctl(self._fd, lib.UMEM_CREATE, req, f"cannot create umem instance {name!r} of {size} bytes")
+        return Server(int(req.fd), name, size)
+
+    def attach(self, name: str, *, nonblock: bool = False) -> Server:
+        """Become the server of existing instance ``name`` (after a restart)."""
+        req = ffi.new("struct umem_attach *", {"flags": _fd_flags(nonblock)})
+        ffi.memmove(req.name, _encode_name(name), len(name.encode()))
+        _ioctl(self._fd, lib.UMEM_ATTACH, req, f"cannot attach to umem instance {name!r}")
+        server = Server(int(req.fd), name, 0)
+        server.size = server.stats().size
+        return server
+
+    def destroy(self, name: str) -> None:
+        """Remove instance ``name``'s node; its memory goes with its last user."""
+        req = ffi.new("struct umem_destroy *")
+        ffi.memmove(req.name, _encode_name(name), len(name.encode()))
+        _ioctl(self._fd, lib.UMEM_DESTROY, req, f"cannot destroy umem instance {name!r}")
+
+    def list(self) -> list[InstanceInfo]:
+        """Every instance, in creation order."""
+        capacity = 16
+        while True:
+            entries = ffi.new("struct umem_list_entry[]", capacity)
+            req = ffi.new("struct umem_list *", {"entries": int(ffi.cast("uintptr_t", entries)), "capacity": capacity})
+            _ioctl(self._fd, lib.UMEM_LIST, req, "cannot list umem instances")
+            if req.count <= capacity:
+                return [_instance_info(entries[i]) for i in range(req.count)]
+            capacity = int(req.count)
+
+
+def _instance_info(entry: Any) -> InstanceInfo:
+    return InstanceInfo(
+        name=ffi.string(entry.name).decode(),
+        size=int(entry.size),
+        present=int(entry.present),
+        served=bool(entry.flags & lib.UMEM_INSTANCE_SERVED),
+    )
+
+
+class Server:
+    """The server fd of one instance: fault records in, pages out."""
+
+    def __init__(self, fd: int, name: str, size: int) -> None:
+        self._fd = fd
+        self.name = name
+        self.size = size
+
+    @property
+    def pages(self) -> int:
+        return self.size // PAGE_SIZE
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read_faults(self, max_records: int = 64) -> list[Fault]:
+        """Read pending fault records; blocks unless the fd is non-blocking.
+
+        Returns [] on a non-blocking fd with nothing pending, or once the
+        instance is destroyed (end of file).
+        """
+        try:
+            data = os.read(self._fd, max_records * FAULT_SIZE)
+        except BlockingIOError:
+            return []
+        records = ffi.from_buffer("struct umem_fault[]", data)
+        return [
+            Fault(int(r.offset), bool(r.flags & lib.UMEM_FAULT_FLAG_WRITE))
+            for r in records
+        ]
+
+    def fill(self, ranges: Iterable[tuple[int, Any]]) -> FillResult:
+        """Copy each ``(offset, buffer)`` into the instance in one call.
+
+        Buffers are page-size multiples; pages already present are skipped
+        and left as they are.
+        """
+        keep: list[Any] = []
+        spec = []
+        for offset, data in ranges:
+            buf = ffi.from_buffer(data)
+            keep.append(buf)
+            spec.append({"offset": offset, "len": len(buf), "src": int(ffi.cast("uintptr_t", buf))})
+        array = ffi.new("struct umem_fill_range[]", spec)
+        req = ffi.new("struct umem_fill *", {"ranges": int(ffi.cast("uintptr_t", array)), "count": len(spec)})
+        _ioctl(self._fd, lib.UMEM_FILL, req, f"cannot fill {len(spec)} ranges of umem instance {self.name!r}")
+        return FillResult(int(req.copied), int(req.skipped))
+
+    def zero(self, offset: int, length: int) -> FillResult:
+        """Make ``[offset, offset + length)`` present as zeros."""
+        req = ffi.new("struct umem_zero *", {"offset": offset, "len": length})
+        _ioctl(self._fd, lib.UMEM_ZERO, req, f"cannot zero {length} bytes at {offset:#x} of {self.name!r}")
+        return FillResult(int(req.zeroed), int(req.skipped))
+
+    def stats(self) -> Stats:
+        st = ffi.new("struct umem_stats *")
+        _ioctl(self._fd, lib.UMEM_STATS, st, f"cannot read stats of umem instance {self.name!r}")
+        return Stats(*(int(getattr(st, f)) for f in Stats.__dataclass_fields__))
+
+    def present_bitmap(self, start: int = 0, pages: int | None = None) -> bytes:
+        """The present bits of ``pages`` pages from ``start`` (a multiple of 64),
+        little-endian: bit n of the result is page start + n."""
+        count = self.pages - start if pages is None else pages
+        words = ffi.new("uint64_t[]", (count + 63) // 64)
+        req = ffi.new("struct umem_bitmap *", {"start": start, "pages": count, "bitmap": int(ffi.cast("uintptr_t", words))})
+        _ioctl(self._fd, lib.UMEM_BITMAP, req, f"cannot read the present bitmap of {self.name!r}")
+        return bytes(ffi.buffer(words))
+
+    def missing_pages(self) -> Iterator[int]:
+        """Indices of the pages not yet present, in order."""
+        for index, byte in enumerate(self.present_bitmap()):
+            if byte == 0xFF:
+                continue
+            for bit in range(8):
+                page = index * 8 + bit
+                if page < self.pages and not byte >> bit & 1:
+                    yield page

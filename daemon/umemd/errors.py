@@ -1,0 +1,54 @@
+"""Errors raised by umemd.
+
+Every error umemd raises derives from :class:`UmemError`. The tree::
+
+    UmemError
+     +-- DeviceError             an operation on a umem device failed (errno kept)
+     |    +-- ModuleNotLoadedError   /dev/umem/control is missing
+     |    +-- InstanceExistsError    CREATE of a name in use
+     |    +-- InstanceNotFoundError  ATTACH/DESTROY of an unknown name
+     |    +-- ServerBusyError        ATTACH while another server fd is open
+     +-- ApiMismatchError        the module speaks another ABI version
+
+Messages name the thing that failed and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+class UmemError(Exception):
+    """Root of every umemd error."""
+
+
+class DeviceError(UmemError, OSError):
+    """A umem device operation failed; ``errno`` holds the kernel's error."""
+
+    def __init__(self, err: int, message: str) -> None:
+        OSError.__init__(self, err, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.message}: {os.strerror(self.errno)} ({errno.errorcode.get(self.errno, self.errno)})"
+
+
+class ModuleNotLoadedError(DeviceError):
+    """The control node does not exist: the module is not loaded."""
+
+
+class InstanceExistsError(DeviceError):
+    """An instance of that name exists already."""
+
+
+class InstanceNotFoundError(DeviceError):
+    """No instance has that name."""
+
+
+class ServerBusyError(DeviceError):
+    """Another server fd is open on the instance."""
+
+
+class ApiMismatchError(UmemError):
+    """The loaded module does not speak the API this package was built for."""

@@ -1,0 +1,448 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * umem: memory whose pages a userspace server supplies on demand.
+ *
+ * The control node /dev/umem/control adds, removes and finds instances.
+ * Every caller must first agree on the API with UMEM_API; until then every
+ * other command fails with EINVAL. The registry of instances is guarded by
+ * one mutex, umem_lock, taken killably.
+ */
+#include <linux/ctype.h>
+#include <linux/device.h>
+#include <linux/file.h>
+#include <linux/fs.h>
+#include <linux/idr.h>
+#include <linux/miscdevice.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/slab.h>
+#include <linux/string.h>
+#include <linux/uaccess.h>
+
+#include "umem.h"
+
+#define UMEM_MINORS 1024
+
+enum umem_control_state {
+	UMEM_CONTROL_WAIT_API,
+	UMEM_CONTROL_RUNNING,
+};
+
+struct umem_control {
+	enum umem_control_state state;
+};
+
+static DEFINE_MUTEX(umem_lock);
+static LIST_HEAD(umem_instances);	/* protected by umem_lock */
+static DEFINE_IDA(umem_minor_ida);
+static dev_t umem_devt;
+static struct class *umem_class;
+
+/* Caller holds umem_lock. */
+static struct umem_instance *umem_find_name(const char *name)
+{
+	struct umem_instance *inst;
+
+	list_for_each_entry(inst, &umem_instances, node)
+		if (!strcmp(inst->name, name))
+			return inst;
+	return NULL;
+}
+
+/* The instance whose node has @minor, with a reference, or NULL. */
+struct umem_instance *umem_find_minor(int minor)
+{
+	struct umem_instance *inst, *found = NULL;
+
+	mutex_lock(&umem_lock);
+	list_for_each_entry(inst, &umem_instances, node) {
+		if (inst->minor == minor) {
+			umem_get(inst);
+			found = inst;
+			break;
+		}
+	}
+	mutex_unlock(&umem_lock);
+	return found;
+}
+
+/* [A-Za-z0-9._-]{1,63}, NUL terminated, not "control", ".", "..". */
+static int umem_check_name(const char *name)
+{
+	size_t len = strnlen(name, UMEM_NAME_MAX);
+	size_t i;
+
+	if (!len || len == UMEM_NAME_MAX)
+		return -EINVAL;
+	for (i = 0; i < len; i++)
+		if (!isalnum(name[i]) && !strchr("._-", name[i]))
+			return -EINVAL;
+	if (!strcmp(name, "control") || !strcmp(name, ".") || !strcmp(name, ".."))
+		return -EINVAL;
+	return 0;
+}
+
+/* Give @inst its node and add it to the registry. Caller holds umem_lock. */
+static int umem_publish(struct umem_instance *inst)
+{
+	dev_t devt;
+	int ret;
+
+	if (umem_find_name(inst->name))
+		return -EEXIST;
+	ret = ida_alloc_max(&umem_minor_ida, UMEM_MINORS - 1, GFP_KERNEL);
+	if (ret < 0)
+		return ret == -ENOSPC ? -ENFILE : ret;
+	inst->minor = ret;
+	devt = MKDEV(MAJOR(umem_devt), inst->minor);
+
+	ret = -ENOMEM;
+	inst->cdev = cdev_alloc();
+	if (!inst->cdev)
+		goto free_minor;
+	inst->cdev->owner = THIS_MODULE;
+	inst->cdev->ops = &umem_node_fops;
+	ret = cdev_add(inst->cdev, devt, 1);
+	if (ret)
+		goto put_cdev;
+	/* "umem!<name>" in sysfs; devtmpfs turns '!' into '/'. */
+	inst->dev = device_create(umem_class, NULL, devt, NULL, "umem!%s", inst->name);
+	if (IS_ERR(inst->dev)) {
+		ret = PTR_ERR(inst->dev);
+		goto del_cdev;
+	}
+	list_add_tail(&inst->node, &umem_instances);
+	return 0;
+
+del_cdev:
+	cdev_del(inst->cdev);
+	inst->cdev = NULL;
+	goto free_minor;
+put_cdev:
+	kobject_put(&inst->cdev->kobj);
+	inst->cdev = NULL;
+free_minor:
+	ida_free(&umem_minor_ida, inst->minor);
+	inst->minor = -1;
+	return ret;
+}
+
+/* Remove @inst's node and registry entry at once. Caller holds umem_lock. */
+static void umem_unpublish(struct umem_instance *inst)
+{
+	list_del_init(&inst->node);
+	device_destroy(umem_class, MKDEV(MAJOR(umem_devt), inst->minor));
+	cdev_del(inst->cdev);
+	inst->cdev = NULL;
+	ida_free(&umem_minor_ida, inst->minor);
+	inst->minor = -1;
+}
+
+static long umem_ioctl_api(struct umem_control *ctl, struct umem_api __user *uarg)
+{
+	struct umem_api api;
+
+	if (ctl->state != UMEM_CONTROL_WAIT_API)
+		return -EINVAL;
+	if (copy_from_user(&api, uarg, offsetof(struct umem_api, ioctls)))
+		return -EFAULT;
+	if (api.api != UMEM_API_VERSION || api.features & ~UMEM_API_FEATURES) {
+		memset(&api, 0, sizeof(api));
+		return copy_to_user(uarg, &api, sizeof(api)) ? -EFAULT : -EINVAL;
+	}
+	api.features = UMEM_API_FEATURES;
+	api.ioctls = UMEM_CONTROL_IOCTLS | UMEM_SERVER_IOCTLS;
+	if (copy_to_user(uarg, &api, sizeof(api)))
+		return -EFAULT;
+	ctl->state = UMEM_CONTROL_RUNNING;
+	return 0;
+}
+
+static int umem_fd_flags(u64 flags)
+{
+	return (flags & UMEM_FD_CLOEXEC) ? O_CLOEXEC : 0;
+}
+
+/*
+ * Hand @file to the caller as a new fd, written to *@ufd. On failure
+ * the file is released.
+ */
+static int umem_install_fd(struct file *file, u64 flags, __s32 __user *ufd)
+{
+	int fd = get_unused_fd_flags(umem_fd_flags(flags));
+
+	if (fd < 0) {
+		fput(file);
+		return fd;
+	}
+	if (put_user(fd, ufd)) {
+		put_unused_fd(fd);
+		fput(file);
+		return -EFAULT;
+	}
+	fd_install(fd, file);
+	return 0;
+}
+
+static long umem_ioctl_create(struct umem_create __user *uarg)
+{
+	struct umem_instance *inst;
+	struct umem_create req;
+	struct file *server;
+	int ret;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	ret = umem_check_name((const char *)req.name);
+	if (ret)
+		return ret;
+	if (req.pad || req.flags & ~UMEM_FD_FLAGS)
+		return -EINVAL;
+	if (!req.size || !PAGE_ALIGNED(req.size))
+		return -EINVAL;
+	if (req.size > UMEM_SIZE_MAX)
+		return -EFBIG;
+
+	inst = umem_instance_new((const char *)req.name, req.size);
+	if (IS_ERR(inst))
+		return PTR_ERR(inst);
+	server = umem_server_open(inst, req.flags);
+	if (IS_ERR(server)) {
+		umem_put(inst);
+		return PTR_ERR(server);
+	}
+
+	ret = mutex_lock_killable(&umem_lock);
+	if (ret)
+		goto fail;
+	ret = umem_publish(inst);
+	mutex_unlock(&umem_lock);
+	if (ret)
+		goto fail;
+	/* The registry now owns the creation reference. */
+	return umem_install_fd(server, req.flags, &uarg->fd);
+
+fail:
+	fput(server);
+	umem_put(inst);
+	return ret;
+}
+
+static long umem_ioctl_attach(struct umem_attach __user *uarg)
+{
+	struct umem_instance *inst;
+	struct umem_attach req;
+	struct file *server;
+	int ret;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	ret = umem_check_name((const char *)req.name);
+	if (ret)
+		return ret;
+	if (req.pad || req.flags & ~UMEM_FD_FLAGS)
+		return -EINVAL;
+
+	ret = mutex_lock_killable(&umem_lock);
+	if (ret)
+		return ret;
+	inst = umem_find_name((const char *)req.name);
+	server = inst ? umem_server_open(inst, req.flags) : ERR_PTR(-ENOENT);
+	mutex_unlock(&umem_lock);
+	if (IS_ERR(server))
+		return PTR_ERR(server);
+	return umem_install_fd(server, req.flags, &uarg->fd);
+}
+
+static long umem_ioctl_destroy(struct umem_destroy __user *uarg)
+{
+	struct umem_instance *inst;
+	struct umem_destroy req;
+	int ret;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	ret = umem_check_name((const char *)req.name);
+	if (ret)
+		return ret;
+
+	ret = mutex_lock_killable(&umem_lock);
+	if (ret)
+		return ret;
+	inst = umem_find_name((const char *)req.name);
+	if (inst)
+		umem_unpublish(inst);
+	mutex_unlock(&umem_lock);
+	if (!inst)
+		return -ENOENT;
+
+	umem_mark_dead(inst);
+	umem_put(inst);		/* the registry's reference */
+	return 0;
+}
+
+static long umem_ioctl_list(struct umem_list __user *uarg)
+{
+	struct umem_list_entry *entries;
+	struct umem_instance *inst;
+	struct umem_list req;
+	u32 count = 0, filled = 0;
+	long ret = 0;
+
+	if (copy_from_user(&req, uarg, offsetof(struct umem_list, count)))
+		return -EFAULT;
+	if (req.capacity > UMEM_MINORS)
+		req.capacity = UMEM_MINORS;
+	entries = kvcalloc(req.capacity, sizeof(*entries), GFP_KERNEL);
+	if (req.capacity && !entries)
+		return -ENOMEM;
+
+	ret = mutex_lock_killable(&umem_lock);
+	if (ret)
+		goto out;
+	list_for_each_entry(inst, &umem_instances, node) {
+		if (filled < req.capacity) {
+			struct umem_list_entry *e = &entries[filled++];
+
+			strscpy(e->name, inst->name, sizeof(e->name));
+			e->size = inst->size;
+			e->present = atomic64_read(&inst->npresent);
+			e->flags = READ_ONCE(inst->served) ? UMEM_INSTANCE_SERVED : 0;
+		}
+		count++;
+	}
+	mutex_unlock(&umem_lock);
+
+	if (filled && copy_to_user(u64_to_user_ptr(req.entries), entries,
+				   array_size(filled, sizeof(*entries))))
+		ret = -EFAULT;
+	else if (put_user(count, &uarg->count))
+		ret = -EFAULT;
+out:
+	kvfree(entries);
+	return ret;
+}
+
+static long umem_control_ioctl(struct file *file, unsigned int cmd,
+			       unsigned long arg)
+{
+	struct umem_control *ctl = file->private_data;
+	void __user *uarg = (void __user *)arg;
+
+	if (cmd == UMEM_API)
+		return umem_ioctl_api(ctl, uarg);
+	if (ctl->state != UMEM_CONTROL_RUNNING)
+		return -EINVAL;
+
+	switch (cmd) {
+	case UMEM_CREATE:
+		return umem_ioctl_create(uarg);
+	case UMEM_ATTACH:
+		return umem_ioctl_attach(uarg);
+	case UMEM_DESTROY:
+		return umem_ioctl_destroy(uarg);
+	case UMEM_LIST:
+		return umem_ioctl_list(uarg);
+	}
+	return -ENOTTY;
+}
+
+static int umem_control_open(struct inode *inode, struct file *file)
+{
+	struct umem_control *ctl = kzalloc(sizeof(*ctl), GFP_KERNEL);
+
+	if (!ctl)
+		return -ENOMEM;
+	ctl->state = UMEM_CONTROL_WAIT_API;
+	file->private_data = ctl;
+	return 0;
+}
+
+static int umem_control_release(struct inode *inode, struct file *file)
+{
+	kfree(file->private_data);
+	return 0;
+}
+
+static const struct file_operations umem_control_fops = {
+	.owner		= THIS_MODULE,
+	.open		= umem_control_open,
+	.release	= umem_control_release,
+	.unlocked_ioctl	= umem_control_ioctl,
+	.compat_ioctl	= compat_ptr_ioctl,
+	.llseek		= noop_llseek,
+};
+
+static struct miscdevice umem_control_dev = {
+	.minor		= MISC_DYNAMIC_MINOR,
+	.name		= "umem-control",
+	.nodename	= "umem/control",
+	.mode		= 0600,
+	.fops		= &umem_control_fops,
+};
+
+static void umem_check_abi(void)
+{
+	BUILD_BUG_ON(sizeof(struct umem_api) != 24);
+	BUILD_BUG_ON(sizeof(struct umem_create) != 88);
+	BUILD_BUG_ON(sizeof(struct umem_attach) != 80);
+	BUILD_BUG_ON(sizeof(struct umem_destroy) != 64);
+	BUILD_BUG_ON(sizeof(struct umem_list_entry) != 88);
+	BUILD_BUG_ON(sizeof(struct umem_list) != 16);
+	BUILD_BUG_ON(sizeof(struct umem_fault) != 32);
+	BUILD_BUG_ON(sizeof(struct umem_fill_range) != 24);
+	BUILD_BUG_ON(sizeof(struct umem_fill) != 32);
+	BUILD_BUG_ON(sizeof(struct umem_zero) != 40);
+	BUILD_BUG_ON(sizeof(struct umem_stats) != 80);
+	BUILD_BUG_ON(sizeof(struct umem_bitmap) != 24);
+}
+
+static int __init umem_init(void)
+{
+	int ret;
+
+	umem_check_abi();
+	ret = umem_instance_init();
+	if (ret)
+		return ret;
+	ret = alloc_chrdev_region(&umem_devt, 0, UMEM_MINORS, "umem");
+	if (ret)
+		goto exit_instance;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
+	umem_class = class_create("umem");
+#else
+	umem_class = class_create(THIS_MODULE, "umem");
+#endif
+	if (IS_ERR(umem_class)) {
+		ret = PTR_ERR(umem_class);
+		goto unregister_region;
+	}
+	ret = misc_register(&umem_control_dev);
+	if (ret)
+		goto destroy_class;
+	return 0;
+
+destroy_class:
+	class_destroy(umem_class);
+unregister_region:
+	unregister_chrdev_region(umem_devt, UMEM_MINORS);
+exit_instance:
+	umem_instance_exit();
+	return ret;
+}
+
+/* Every instance pins the module, so none is left here. */
+static void __exit umem_exit(void)
+{
+	misc_deregister(&umem_control_dev);
+	class_destroy(umem_class);
+	unregister_chrdev_region(umem_devt, UMEM_MINORS);
+	ida_destroy(&umem_minor_ida);
+	umem_instance_exit();
+}
+
+module_init(umem_init);
+module_exit(umem_exit);
+MODULE_DESCRIPTION("umem: memory whose pages a userspace server supplies on demand");
+MODULE_AUTHOR("umem developers");
+MODULE_LICENSE("GPL");

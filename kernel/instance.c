@@ -1,0 +1,369 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * umem instances: the shmem backing, the instance node QEMU maps
+ * (/dev/umem/<name>) and the fault path that blocks on missing pages.
+ *
+ * The mapping is a real shmem mapping: ->mmap swaps in the instance's
+ * shmem file (vma_set_file), so rmap, GUP and truncation see ordinary
+ * refcounted shmem pages. Only ->fault is ours: it lets a page through to
+ * shmem's fault handler once the page is present, and otherwise queues a
+ * fault record for the server and sleeps until the page is filled.
+ * shmem's fault-around (->map_pages) is not inherited: it would map pages
+ * straight from the page cache, including one a filler is still writing.
+ */
+#include <linux/fs.h>
+#include <linux/fs_context.h>
+#include <linux/ktime.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/mount.h>
+#include <linux/poll.h>
+#include <linux/sched/signal.h>
+#include <linux/shmem_fs.h>
+#include <linux/slab.h>
+
+#include "umem.h"
+
+/* Private tmpfs with huge=never: a huge page would map 511 missing pages. */
+static struct vfsmount *umem_mnt;
+
+/* shmem's vm_ops with our fault handler; built at the first mmap. */
+static DEFINE_MUTEX(umem_vm_ops_lock);
+static struct vm_operations_struct umem_vm_ops;
+static vm_fault_t (*umem_shmem_fault)(struct vm_fault *vmf);
+
+int umem_instance_init(void)
+{
+	struct file_system_type *tmpfs = get_fs_type("tmpfs");
+
+	if (!tmpfs)
+		return -ENODEV;
+	umem_mnt = vfs_kern_mount(tmpfs, SB_KERNMOUNT, tmpfs->name, "huge=never");
+	module_put(tmpfs->owner);	/* put_filesystem() is not exported */
+	return PTR_ERR_OR_ZERO(umem_mnt);
+}
+
+void umem_instance_exit(void)
+{
+	kern_unmount(umem_mnt);
+}
+
+struct umem_instance *umem_instance_new(const char *name, u64 size)
+{
+	struct umem_instance *inst;
+	pgoff_t npages = size >> PAGE_SHIFT;
+	char shmem_name[UMEM_NAME_MAX + 8];
+
+	inst = kzalloc(sizeof(*inst), GFP_KERNEL);
+	if (!inst)
+		return ERR_PTR(-ENOMEM);
+	kref_init(&inst->kref);
+	strscpy(inst->name, name, sizeof(inst->name));
+	inst->size = size;
+	inst->npages = npages;
+	inst->minor = -1;
+	INIT_LIST_HEAD(&inst->node);
+	mutex_init(&inst->lock);
+	spin_lock_init(&inst->queue_lock);
+	INIT_LIST_HEAD(&inst->queue);
+	init_waitqueue_head(&inst->server_wq);
+	init_waitqueue_head(&inst->fault_wq);
+
+	inst->present = kvcalloc(BITS_TO_LONGS(npages), sizeof(long), GFP_KERNEL);
+	inst->filling = kvcalloc(BITS_TO_LONGS(npages), sizeof(long), GFP_KERNEL);
+	inst->requested = kvcalloc(BITS_TO_LONGS(npages), sizeof(long), GFP_KERNEL);
+	if (!inst->present || !inst->filling || !inst->requested)
+		goto nomem;
+
+	snprintf(shmem_name, sizeof(shmem_name), "umem:%s", name);
+	inst->shmem = shmem_file_setup_with_mnt(umem_mnt, shmem_name, size,
+						VM_NORESERVE);
+	if (IS_ERR(inst->shmem)) {
+		long err = PTR_ERR(inst->shmem);
+
+		inst->shmem = NULL;
+		umem_put(inst);
+		return ERR_PTR(err);
+	}
+	__module_get(THIS_MODULE);
+	return inst;
+
+nomem:
+	umem_put(inst);
+	return ERR_PTR(-ENOMEM);
+}
+
+void umem_get(struct umem_instance *inst)
+{
+	kref_get(&inst->kref);
+}
+
+static void umem_instance_free(struct kref *kref)
+{
+	struct umem_instance *inst = container_of(kref, struct umem_instance, kref);
+	struct umem_request *req, *tmp;
+	bool pinned = inst->shmem;
+
+	list_for_each_entry_safe(req, tmp, &inst->queue, node)
+		kfree(req);
+	if (inst->shmem)
+		fput(inst->shmem);
+	kvfree(inst->present);
+	kvfree(inst->filling);
+	kvfree(inst->requested);
+	kfree(inst);
+	if (pinned)
+		module_put(THIS_MODULE);
+}
+
+void umem_put(struct umem_instance *inst)
+{
+	kref_put(&inst->kref, umem_instance_free);
+}
+
+bool umem_page_present(struct umem_instance *inst, pgoff_t pgoff)
+{
+	bool present = test_bit(pgoff, inst->present);
+
+	/* Pairs with the barrier before set_bit() in the fill path. */
+	smp_rmb();
+	return present;
+}
+
+/*
+ * Destroyed: waiters and later faults on missing pages get SIGBUS, readers
+ * of the server fd see end of file.
+ */
+void umem_mark_dead(struct umem_instance *inst)
+{
+	WRITE_ONCE(inst->dead, true);
+	wake_up_all(&inst->fault_wq);
+	wake_up_all(&inst->server_wq);
+}
+
+/*
+ * The server went away: forget what it was asked, so every waiter asks the
+ * next server again. Waiters notice the new generation and retry.
+ */
+void umem_reset_requests(struct umem_instance *inst)
+{
+	struct umem_request *req, *tmp;
+	LIST_HEAD(dropped);
+
+	spin_lock(&inst->queue_lock);
+	list_splice_init(&inst->queue, &dropped);
+	bitmap_zero(inst->requested, inst->npages);
+	WRITE_ONCE(inst->generation, inst->generation + 1);
+	spin_unlock(&inst->queue_lock);
+
+	list_for_each_entry_safe(req, tmp, &dropped, node)
+		kfree(req);
+	wake_up_all(&inst->fault_wq);
+}
+
+/* Queue one fault record for @pgoff unless the current server has one. */
+static int umem_request_page(struct umem_instance *inst, pgoff_t pgoff,
+			     u32 flags)
+{
+	struct umem_request *req;
+
+	if (test_bit(pgoff, inst->requested))
+		return 0;
+	req = kmalloc(sizeof(*req), GFP_KERNEL);
+	if (!req)
+		return -ENOMEM;
+	req->pgoff = pgoff;
+	req->flags = flags;
+
+	spin_lock(&inst->queue_lock);
+	if (test_bit(pgoff, inst->requested)) {
+		spin_unlock(&inst->queue_lock);
+		kfree(req);
+		return 0;
+	}
+	__set_bit(pgoff, inst->requested);
+	list_add_tail(&req->node, &inst->queue);
+	spin_unlock(&inst->queue_lock);
+
+	atomic64_inc(&inst->stat_requested);
+	wake_up_poll(&inst->server_wq, EPOLLIN | EPOLLRDNORM);
+	return 0;
+}
+
+static bool umem_wait_over(struct umem_instance *inst, pgoff_t pgoff,
+			   unsigned int generation)
+{
+	return umem_page_present(inst, pgoff) || READ_ONCE(inst->dead) ||
+	       READ_ONCE(inst->generation) != generation;
+}
+
+/*
+ * Sleep until the page is present, the instance dies or the server changes.
+ * Returns 0 or -ERESTARTSYS when a signal ended the wait.
+ */
+static int umem_wait_page(struct umem_instance *inst, pgoff_t pgoff,
+			  unsigned int generation, bool interruptible)
+{
+	ktime_t start = ktime_get();
+	int ret;
+
+	atomic64_inc(&inst->stat_faults);
+	atomic64_inc(&inst->stat_waiters);
+	if (interruptible)
+		ret = wait_event_interruptible(inst->fault_wq,
+				umem_wait_over(inst, pgoff, generation));
+	else
+		ret = wait_event_killable(inst->fault_wq,
+				umem_wait_over(inst, pgoff, generation));
+	atomic64_dec(&inst->stat_waiters);
+	atomic64_add(ktime_to_ns(ktime_sub(ktime_get(), start)),
+		     &inst->stat_wait_ns);
+	return ret;
+}
+
+static void umem_release_fault_lock(struct vm_fault *vmf)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 6, 0)
+	release_fault_lock(vmf);
+#else
+	mmap_read_unlock(vmf->vma->vm_mm);
+#endif
+}
+
+/*
+ * A missing page. Without FAULT_FLAG_ALLOW_RETRY (e.g. /proc/pid/mem) we
+ * must sleep holding mmap_lock. With it, we drop the lock while we sleep
+ * and return VM_FAULT_RETRY, as handle_userfault() does; with
+ * FAULT_FLAG_RETRY_NOWAIT (KVM's async page faults) we only queue the
+ * request and return VM_FAULT_RETRY still holding the lock.
+ */
+static vm_fault_t umem_fault_missing(struct umem_instance *inst,
+				     struct vm_fault *vmf)
+{
+	u32 flags = (vmf->flags & FAULT_FLAG_WRITE) ? UMEM_FAULT_FLAG_WRITE : 0;
+	pgoff_t pgoff = vmf->pgoff;
+	unsigned int generation;
+
+	for (;;) {
+		if (READ_ONCE(inst->dead))
+			return VM_FAULT_SIGBUS;
+		generation = READ_ONCE(inst->generation);
+		if (umem_request_page(inst, pgoff, flags))
+			return VM_FAULT_OOM;
+		if (vmf->flags & FAULT_FLAG_RETRY_NOWAIT)
+			return VM_FAULT_RETRY;
+		if (vmf->flags & FAULT_FLAG_ALLOW_RETRY)
+			break;
+		if (umem_wait_page(inst, pgoff, generation, false))
+			return VM_FAULT_SIGBUS;	/* killed */
+		if (umem_page_present(inst, pgoff))
+			return umem_shmem_fault(vmf);
+	}
+
+	umem_get(inst);
+	umem_release_fault_lock(vmf);
+	umem_wait_page(inst, pgoff, generation,
+		       vmf->flags & FAULT_FLAG_INTERRUPTIBLE);
+	umem_put(inst);
+	return VM_FAULT_RETRY;
+}
+
+static vm_fault_t umem_fault(struct vm_fault *vmf)
+{
+	struct umem_instance *inst = vmf->vma->vm_private_data;
+
+	if (vmf->pgoff >= inst->npages)
+		return VM_FAULT_SIGBUS;
+	if (umem_page_present(inst, vmf->pgoff))
+		return umem_shmem_fault(vmf);
+	return umem_fault_missing(inst, vmf);
+}
+
+static void umem_vm_open(struct vm_area_struct *vma)
+{
+	umem_get(vma->vm_private_data);
+}
+
+static void umem_vm_close(struct vm_area_struct *vma)
+{
+	umem_put(vma->vm_private_data);
+}
+
+/* Caller: just ran shmem's ->mmap on @vma, which set shmem's vm_ops. */
+static void umem_vm_ops_setup(const struct vm_operations_struct *shmem_ops)
+{
+	mutex_lock(&umem_vm_ops_lock);
+	if (!umem_shmem_fault) {
+		umem_vm_ops = *shmem_ops;
+		umem_vm_ops.open = umem_vm_open;
+		umem_vm_ops.close = umem_vm_close;
+		umem_vm_ops.fault = umem_fault;
+		umem_vm_ops.map_pages = NULL;
+		umem_shmem_fault = shmem_ops->fault;
+	}
+	mutex_unlock(&umem_vm_ops_lock);
+}
+
+static int umem_shmem_mmap(struct file *shmem, struct vm_area_struct *vma)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 15, 0)
+	return vfs_mmap(shmem, vma);
+#else
+	return call_mmap(shmem, vma);
+#endif
+}
+
+static int umem_node_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	struct umem_instance *inst = file->private_data;
+	unsigned long pages = vma_pages(vma);
+	int ret;
+
+	if (!(vma->vm_flags & VM_SHARED))
+		return -EINVAL;
+	if (vma->vm_pgoff >= inst->npages || pages > inst->npages - vma->vm_pgoff)
+		return -ENXIO;
+	if (READ_ONCE(inst->dead))
+		return -ENODEV;
+
+	vma_set_file(vma, inst->shmem);
+	ret = umem_shmem_mmap(inst->shmem, vma);
+	if (ret)
+		return ret;
+	umem_vm_ops_setup(vma->vm_ops);
+	umem_get(inst);
+	vma->vm_private_data = inst;
+	vma->vm_ops = &umem_vm_ops;
+	return 0;
+}
+
+static int umem_node_open(struct inode *inode, struct file *file)
+{
+	struct umem_instance *inst = umem_find_minor(iminor(inode));
+
+	if (!inst)
+		return -ENODEV;
+	file->private_data = inst;
+	return 0;
+}
+
+static int umem_node_release(struct inode *inode, struct file *file)
+{
+	umem_put(file->private_data);
+	return 0;
+}
+
+static loff_t umem_node_llseek(struct file *file, loff_t offset, int whence)
+{
+	struct umem_instance *inst = file->private_data;
+
+	return fixed_size_llseek(file, offset, whence, inst->size);
+}
+
+const struct file_operations umem_node_fops = {
+	.owner		= THIS_MODULE,
+	.open		= umem_node_open,
+	.release	= umem_node_release,
+	.llseek		= umem_node_llseek,
+	.mmap		= umem_node_mmap,
+};

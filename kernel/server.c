@@ -1,0 +1,409 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The server fd: the daemon's side of one instance. It reads fault records,
+ * polls for them, and makes pages present with UMEM_FILL and UMEM_ZERO.
+ * A present page is never written again: a late fill of a page the guest
+ * has already written is counted as skipped.
+ */
+#include <linux/anon_inodes.h>
+#include <linux/fs.h>
+#include <linux/highmem.h>
+#include <linux/mm.h>
+#include <linux/pagemap.h>
+#include <linux/poll.h>
+#include <linux/sched/signal.h>
+#include <linux/shmem_fs.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+
+#include "umem.h"
+
+/* Fault records copied out per read() pass. */
+#define UMEM_READ_BATCH 64
+
+/* How a page is made present. */
+struct umem_source {
+	const void __user *src;	/* NULL: zeros */
+};
+
+static bool umem_server_readable(struct umem_instance *inst)
+{
+	return !list_empty_careful(&inst->queue) || READ_ONCE(inst->dead);
+}
+
+/* Take up to @max records off the queue, dropping pages already present. */
+static unsigned int umem_dequeue(struct umem_instance *inst,
+				 struct umem_fault *out, unsigned int max)
+{
+	struct umem_request *req, *tmp;
+	unsigned int n = 0;
+	LIST_HEAD(taken);
+
+	spin_lock(&inst->queue_lock);
+	list_for_each_entry_safe(req, tmp, &inst->queue, node) {
+		if (n == max)
+			break;
+		list_move_tail(&req->node, &taken);
+		if (umem_page_present(inst, req->pgoff))
+			continue;
+		memset(&out[n], 0, sizeof(out[n]));
+		out[n].event = UMEM_EVENT_FAULT;
+		out[n].flags = req->flags;
+		out[n].offset = (u64)req->pgoff << PAGE_SHIFT;
+		n++;
+	}
+	spin_unlock(&inst->queue_lock);
+
+	list_for_each_entry_safe(req, tmp, &taken, node)
+		kfree(req);
+	return n;
+}
+
+/* Put records back at the head of the queue after a failed copy-out. */
+static int umem_requeue(struct umem_instance *inst, const struct umem_fault *msgs,
+			unsigned int n)
+{
+	while (n--) {
+		struct umem_request *req = kmalloc(sizeof(*req), GFP_KERNEL);
+
+		if (!req)
+			return -ENOMEM;
+		req->pgoff = msgs[n].offset >> PAGE_SHIFT;
+		req->flags = msgs[n].flags;
+		spin_lock(&inst->queue_lock);
+		list_add(&req->node, &inst->queue);
+		spin_unlock(&inst->queue_lock);
+	}
+	return 0;
+}
+
+static ssize_t umem_server_read(struct file *file, char __user *buf,
+				size_t count, loff_t *ppos)
+{
+	struct umem_instance *inst = file->private_data;
+	struct umem_fault *msgs;
+	size_t max = count / sizeof(*msgs);
+	unsigned int n;
+	ssize_t ret;
+
+	if (!max)
+		return -EINVAL;
+	msgs = kmalloc_array(UMEM_READ_BATCH, sizeof(*msgs), GFP_KERNEL);
+	if (!msgs)
+		return -ENOMEM;
+
+	for (;;) {
+		n = umem_dequeue(inst, msgs, min_t(size_t, max, UMEM_READ_BATCH));
+		if (n || READ_ONCE(inst->dead))
+			break;
+		if (file->f_flags & O_NONBLOCK) {
+			ret = -EAGAIN;
+			goto out;
+		}
+		ret = wait_event_interruptible(inst->server_wq,
+					       umem_server_readable(inst));
+		if (ret)
+			goto out;
+	}
+
+	ret = n * sizeof(*msgs);
+	if (copy_to_user(buf, msgs, ret)) {
+		umem_requeue(inst, msgs, n);
+		ret = -EFAULT;
+	}
+out:
+	kfree(msgs);
+	return ret;
+}
+
+static __poll_t umem_server_poll(struct file *file, poll_table *wait)
+{
+	struct umem_instance *inst = file->private_data;
+	__poll_t mask = 0;
+
+	poll_wait(file, &inst->server_wq, wait);
+	if (!list_empty_careful(&inst->queue))
+		mask |= EPOLLIN | EPOLLRDNORM;
+	if (READ_ONCE(inst->dead))
+		mask |= EPOLLHUP;
+	return mask;
+}
+
+/*
+ * Make one page present from @source. Returns 1 when it did, 0 when the
+ * page was present already (or another filler holds it), or -errno.
+ */
+static int umem_fill_page(struct umem_instance *inst, pgoff_t pgoff,
+			  const struct umem_source *source)
+{
+	struct address_space *mapping = inst->shmem->f_mapping;
+	struct page *page;
+	int ret = 1;
+
+	if (umem_page_present(inst, pgoff))
+		return 0;
+	if (test_and_set_bit_lock(pgoff, inst->filling))
+		return 0;
+	if (umem_page_present(inst, pgoff)) {
+		ret = 0;
+		goto unlock;
+	}
+
+	if (source->src) {
+		void *dst;
+
+		page = shmem_read_mapping_page_gfp(mapping, pgoff,
+						   mapping_gfp_mask(mapping));
+		if (IS_ERR(page)) {
+			ret = PTR_ERR(page);
+			goto unlock;
+		}
+		dst = kmap_local_page(page);
+		if (copy_from_user(dst, source->src, PAGE_SIZE))
+			ret = -EFAULT;
+		kunmap_local(dst);
+		flush_dcache_page(page);
+		set_page_dirty(page);
+		put_page(page);
+	} else {
+		/* A hole reads as zeros; clear a page left by a failed fill. */
+		page = find_get_page(mapping, pgoff);
+		if (page) {
+			clear_highpage(page);
+			set_page_dirty(page);
+			put_page(page);
+		}
+	}
+
+	if (ret == 1) {
+		smp_mb__before_atomic();	/* contents before the bit */
+		set_bit(pgoff, inst->present);
+		atomic64_inc(&inst->npresent);
+	}
+unlock:
+	clear_bit_unlock(pgoff, inst->filling);
+	return ret;
+}
+
+static void umem_wake_faults(struct umem_instance *inst)
+{
+	if (wq_has_sleeper(&inst->fault_wq))
+		wake_up_all(&inst->fault_wq);
+}
+
+/* A page-aligned, nonempty range inside the instance. */
+static bool umem_range_valid(struct umem_instance *inst, u64 offset, u64 len)
+{
+	return PAGE_ALIGNED(offset) && PAGE_ALIGNED(len) && len &&
+	       offset < inst->size && len <= inst->size - offset;
+}
+
+/*
+ * Fill [offset, offset + len) from @src (NULL: zeros), adding to @done and
+ * @skipped. Stops at the first error; a fatal signal ends it with -EINTR.
+ */
+static int umem_fill_range(struct umem_instance *inst, u64 offset, u64 len,
+			   u64 src, u64 *done, u64 *skipped)
+{
+	struct umem_source source;
+	pgoff_t pgoff = offset >> PAGE_SHIFT;
+	pgoff_t end = pgoff + (len >> PAGE_SHIFT);
+	int ret = 0;
+
+	for (; pgoff < end; pgoff++) {
+		source.src = src ? u64_to_user_ptr(src) : NULL;
+		ret = umem_fill_page(inst, pgoff, &source);
+		if (ret < 0)
+			break;
+		if (ret)
+			(*done)++;
+		else
+			(*skipped)++;
+		if (src)
+			src += PAGE_SIZE;
+		if (fatal_signal_pending(current)) {
+			ret = -EINTR;
+			break;
+		}
+		cond_resched();
+	}
+	umem_wake_faults(inst);
+	return ret < 0 ? ret : 0;
+}
+
+static long umem_ioctl_fill(struct umem_instance *inst,
+			    struct umem_fill __user *uarg)
+{
+	struct umem_fill_range *ranges;
+	struct umem_fill fill;
+	u64 copied = 0, skipped = 0;
+	long ret = 0;
+	u32 i;
+
+	if (copy_from_user(&fill, uarg, offsetof(struct umem_fill, copied)))
+		return -EFAULT;
+	if (fill.flags || !fill.count || fill.count > UMEM_FILL_MAX_RANGES)
+		return -EINVAL;
+	if (READ_ONCE(inst->dead))
+		return -ENODEV;
+
+	ranges = memdup_user(u64_to_user_ptr(fill.ranges),
+			     array_size(fill.count, sizeof(*ranges)));
+	if (IS_ERR(ranges))
+		return PTR_ERR(ranges);
+	for (i = 0; i < fill.count; i++) {
+		if (!umem_range_valid(inst, ranges[i].offset, ranges[i].len) ||
+		    !ranges[i].src) {
+			ret = -EINVAL;
+			goto out;
+		}
+	}
+
+	for (i = 0; i < fill.count && !ret; i++)
+		ret = umem_fill_range(inst, ranges[i].offset, ranges[i].len,
+				      ranges[i].src, &copied, &skipped);
+
+	atomic64_add(copied, &inst->stat_filled);
+	atomic64_add(skipped, &inst->stat_skipped);
+	if (put_user(copied, &uarg->copied) || put_user(skipped, &uarg->skipped))
+		ret = -EFAULT;
+out:
+	kfree(ranges);
+	return ret;
+}
+
+static long umem_ioctl_zero(struct umem_instance *inst,
+			    struct umem_zero __user *uarg)
+{
+	struct umem_zero zero;
+	u64 zeroed = 0, skipped = 0;
+	long ret;
+
+	if (copy_from_user(&zero, uarg, offsetof(struct umem_zero, zeroed)))
+		return -EFAULT;
+	if (zero.flags || !umem_range_valid(inst, zero.offset, zero.len))
+		return -EINVAL;
+	if (READ_ONCE(inst->dead))
+		return -ENODEV;
+
+	ret = umem_fill_range(inst, zero.offset, zero.len, 0, &zeroed, &skipped);
+	atomic64_add(zeroed, &inst->stat_zeroed);
+	atomic64_add(skipped, &inst->stat_skipped);
+	if (put_user(zeroed, &uarg->zeroed) || put_user(skipped, &uarg->skipped))
+		ret = -EFAULT;
+	return ret;
+}
+
+static long umem_ioctl_stats(struct umem_instance *inst,
+			     struct umem_stats __user *uarg)
+{
+	struct umem_stats stats;
+
+	memset(&stats, 0, sizeof(stats));
+	stats.size = inst->size;
+	stats.pages = inst->npages;
+	stats.present = atomic64_read(&inst->npresent);
+	stats.requested = atomic64_read(&inst->stat_requested);
+	stats.faults = atomic64_read(&inst->stat_faults);
+	stats.waiters = atomic64_read(&inst->stat_waiters);
+	stats.wait_ns = atomic64_read(&inst->stat_wait_ns);
+	stats.filled = atomic64_read(&inst->stat_filled);
+	stats.zeroed = atomic64_read(&inst->stat_zeroed);
+	stats.skipped = atomic64_read(&inst->stat_skipped);
+	return copy_to_user(uarg, &stats, sizeof(stats)) ? -EFAULT : 0;
+}
+
+static long umem_ioctl_bitmap(struct umem_instance *inst,
+			      struct umem_bitmap __user *uarg)
+{
+	struct umem_bitmap req;
+	u64 __user *out;
+	u64 words, i, tail;
+
+	if (copy_from_user(&req, uarg, sizeof(req)))
+		return -EFAULT;
+	if (req.start % 64 || req.start >= inst->npages || !req.pages ||
+	    req.pages > inst->npages - req.start)
+		return -EINVAL;
+
+	out = u64_to_user_ptr(req.bitmap);
+	words = DIV_ROUND_UP(req.pages, 64);
+	tail = req.pages % 64;
+	for (i = 0; i < words; i++) {
+		u64 word = READ_ONCE(inst->present[req.start / 64 + i]);
+
+		if (i == words - 1 && tail)
+			word &= (1ULL << tail) - 1;
+		if (put_user(word, &out[i]))
+			return -EFAULT;
+	}
+	return 0;
+}
+
+static long umem_server_ioctl(struct file *file, unsigned int cmd,
+			      unsigned long arg)
+{
+	struct umem_instance *inst = file->private_data;
+	void __user *uarg = (void __user *)arg;
+
+	switch (cmd) {
+	case UMEM_FILL:
+		return umem_ioctl_fill(inst, uarg);
+	case UMEM_ZERO:
+		return umem_ioctl_zero(inst, uarg);
+	case UMEM_STATS:
+		return umem_ioctl_stats(inst, uarg);
+	case UMEM_BITMAP:
+		return umem_ioctl_bitmap(inst, uarg);
+	}
+	return -ENOTTY;
+}
+
+static int umem_server_release(struct inode *inode, struct file *file)
+{
+	struct umem_instance *inst = file->private_data;
+
+	mutex_lock(&inst->lock);
+	inst->served = false;
+	mutex_unlock(&inst->lock);
+	umem_reset_requests(inst);
+	umem_put(inst);
+	return 0;
+}
+
+static const struct file_operations umem_server_fops = {
+	.owner		= THIS_MODULE,
+	.release	= umem_server_release,
+	.read		= umem_server_read,
+	.poll		= umem_server_poll,
+	.unlocked_ioctl	= umem_server_ioctl,
+	.compat_ioctl	= compat_ptr_ioctl,
+	.llseek		= noop_llseek,
+};
+
+/*
+ * Become the instance's one server. Returns the new file, holding its own
+ * reference on @inst, or ERR_PTR(-EBUSY) if a server is attached.
+ */
+struct file *umem_server_open(struct umem_instance *inst, u64 flags)
+{
+	int f_flags = O_RDWR;
+	struct file *file;
+
+	if (flags & UMEM_FD_NONBLOCK)
+		f_flags |= O_NONBLOCK;
+
+	mutex_lock(&inst->lock);
+	if (inst->served) {
+		mutex_unlock(&inst->lock);
+		return ERR_PTR(-EBUSY);
+	}
+	umem_get(inst);
+	file = anon_inode_getfile("[umem-server]", &umem_server_fops, inst, f_flags);
+	if (IS_ERR(file))
+		umem_put(inst);
+	else
+		inst->served = true;
+	mutex_unlock(&inst->lock);
+	return file;
+}

@@ -1,0 +1,107 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * umem internals shared by the control node (control.c), the instances and
+ * their fault path (instance.c) and the server fd (server.c).
+ */
+#ifndef UMEM_INTERNAL_H
+#define UMEM_INTERNAL_H
+
+#include <linux/atomic.h>
+#include <linux/cdev.h>
+#include <linux/kref.h>
+#include <linux/list.h>
+#include <linux/mutex.h>
+#include <linux/spinlock.h>
+#include <linux/types.h>
+#include <linux/version.h>
+#include <linux/wait.h>
+#include <linux/umem.h>
+
+#if BITS_PER_LONG != 64
+#error "umem exports its bitmaps as __u64 words and supports 64-bit kernels only"
+#endif
+
+/*
+ * One umem instance: a shmem file whose pages become visible to mappings
+ * only once a server has filled them.
+ *
+ * Lock order: umem_lock (control.c, the registry) -> inst->lock ->
+ * inst->queue_lock. The fault path takes only queue_lock.
+ *
+ * Page state lives in three bitmaps, one bit per page:
+ *   present   set once, after the page's contents are complete, never
+ *             cleared; a page reaches a mapping only through the fault
+ *             handler and only while its bit is set.
+ *   filling   a bit lock held while one filler writes the page, so two
+ *             fills of one page never race.
+ *   requested set, under queue_lock, when a fault record for the page is
+ *             queued for the current server; cleared, with the queue, when
+ *             that server goes away, so waiters request again.
+ *
+ * Lifetime: the registry (until UMEM_DESTROY), each open instance node,
+ * the server file and each vma hold a reference (kref). The last one frees
+ * the instance and releases the module reference taken at creation.
+ */
+struct umem_instance {
+	struct kref kref;
+	char name[UMEM_NAME_MAX];
+	u64 size;
+	pgoff_t npages;
+	struct file *shmem;
+
+	unsigned long *present;
+	unsigned long *filling;
+	unsigned long *requested;
+	atomic64_t npresent;
+
+	/* registry membership, protected by umem_lock */
+	struct list_head node;
+	int minor;
+	struct cdev *cdev;
+	struct device *dev;
+
+	struct mutex lock;
+	bool served;		/* a server fd is open; protected by lock */
+
+	bool dead;		/* destroyed: missing pages raise SIGBUS */
+	unsigned int generation;	/* bumped when a server leaves */
+
+	spinlock_t queue_lock;
+	struct list_head queue;		/* struct umem_request, oldest first */
+	wait_queue_head_t server_wq;	/* readers and pollers of the server fd */
+	wait_queue_head_t fault_wq;	/* tasks waiting for a page */
+
+	atomic64_t stat_requested;
+	atomic64_t stat_faults;
+	atomic64_t stat_waiters;
+	atomic64_t stat_wait_ns;
+	atomic64_t stat_filled;
+	atomic64_t stat_zeroed;
+	atomic64_t stat_skipped;
+};
+
+/* A queued fault record. */
+struct umem_request {
+	struct list_head node;
+	pgoff_t pgoff;
+	u32 flags;
+};
+
+/* instance.c */
+int umem_instance_init(void);
+void umem_instance_exit(void);
+struct umem_instance *umem_instance_new(const char *name, u64 size);
+void umem_get(struct umem_instance *inst);
+void umem_put(struct umem_instance *inst);
+bool umem_page_present(struct umem_instance *inst, pgoff_t pgoff);
+void umem_mark_dead(struct umem_instance *inst);
+void umem_reset_requests(struct umem_instance *inst);
+extern const struct file_operations umem_node_fops;
+
+/* control.c */
+struct umem_instance *umem_find_minor(int minor);
+
+/* server.c */
+struct file *umem_server_open(struct umem_instance *inst, u64 flags);
+
+#endif /* UMEM_INTERNAL_H */
