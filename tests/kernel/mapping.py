@@ -1,0 +1,62 @@
+"""Map umem instance nodes and touch them from threads without the GIL.
+
+A thread that faults on a missing page sleeps in the kernel; it must not
+hold the GIL meanwhile, or the server thread could never fill the page.
+ctypes foreign calls (memmove) release the GIL, so every access here goes
+through libc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from pathlib import Path
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+MAP_FAILED = ctypes.c_void_p(-1).value
+PAGE = mmap.PAGESIZE
+
+
+class Mapping:
+    """A MAP_SHARED mapping of an instance node."""
+
+    def __init__(self, path: Path | str, length: int, offset: int = 0, flags: int = mmap.MAP_SHARED) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            addr = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, offset)
+            if addr == MAP_FAILED:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            os.close(fd)
+        self.addr: int = addr
+        self.length = length
+
+    def read(self, offset: int, n: int) -> bytes:
+        buf = ctypes.create_string_buffer(n)
+        ctypes.memmove(buf, self.addr + offset, n)
+        return buf.raw
+
+    def write(self, offset: int, data: bytes) -> None:
+        ctypes.memmove(self.addr + offset, data, len(data))
+
+    def close(self) -> None:
+        if self.length:
+            libc.munmap(self.addr, self.length)
+            self.length = 0
+
+    def __enter__(self) -> Mapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def page_pattern(index: int, seed: int = 0) -> bytes:
+    """4 KiB that identify page ``index``: every 8-byte word differs."""
+    head = f"page {index:010d} seed {seed:06d} ".encode()
+    return (head * (PAGE // len(head) + 1))[:PAGE]
