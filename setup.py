@@ -7,14 +7,19 @@
 from __future__ import annotations
 
 import glob
+import re
 import subprocess
 import sys
+from typing import ClassVar
 
 from setuptools import Command, setup
 
 
 def newest_kernel_build_tree() -> str:
-    trees = sorted(glob.glob("/lib/modules/*/build"), key=lambda p: [int(x) if x.isdigit() else x for x in p.replace("-", ".").split(".")])
+    def version_key(path: str) -> list[int]:
+        return [int(x) for x in re.findall(r"\d+", path)]
+
+    trees = sorted(glob.glob("/lib/modules/*/build"), key=version_key)
     if not trees:
         sys.exit("no kernel build tree in /lib/modules/*/build: install linux-headers-amd64 (make apt)")
     return trees[-1]
@@ -24,11 +29,11 @@ class BuildKmod(Command):
     """Build kernel/umem.ko out of tree."""
 
     description = "build kernel/umem.ko against installed kernel headers"
-    user_options = [
+    user_options: ClassVar[list[tuple[str, str | None, str]]] = [
         ("kdir=", None, "kernel build tree (default: newest /lib/modules/*/build)"),
         ("strict", None, "build with W=1 and fail on any compiler warning"),
     ]
-    boolean_options = ["strict"]
+    boolean_options: ClassVar[list[str]] = ["strict"]
 
     def initialize_options(self) -> None:
         self.kdir: str | None = None

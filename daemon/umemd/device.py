@@ -51,7 +51,7 @@ def _ioctl(fd: int, request: int, arg: Any, what: str) -> None:
 
 
 def _fd_flags(nonblock: bool) -> int:
-    return lib.UMEM_FD_CLOEXEC | (lib.UMEM_FD_NONBLOCK if nonblock else 0)
+    return int(lib.UMEM_FD_CLOEXEC | (lib.UMEM_FD_NONBLOCK if nonblock else 0))
 
 
 def _encode_name(name: str) -> bytes:
@@ -267,7 +267,8 @@ class Server:
         little-endian: bit n of the result is page start + n."""
         count = self.pages - start if pages is None else pages
         words = ffi.new("uint64_t[]", (count + 63) // 64)
-        req = ffi.new("struct umem_bitmap *", {"start": start, "pages": count, "bitmap": int(ffi.cast("uintptr_t", words))})
+        address = int(ffi.cast("uintptr_t", words))
+        req = ffi.new("struct umem_bitmap *", {"start": start, "pages": count, "bitmap": address})
         _ioctl(self._fd, lib.UMEM_BITMAP, req, f"cannot read the present bitmap of {self.name!r}")
         return bytes(ffi.buffer(words))
 

@@ -29,9 +29,10 @@ class DeviceError(UmemError, OSError):
     def __init__(self, err: int, message: str) -> None:
         OSError.__init__(self, err, message)
         self.message = message
+        self.err = err
 
     def __str__(self) -> str:
-        return f"{self.message}: {os.strerror(self.errno)} ({errno.errorcode.get(self.errno, self.errno)})"
+        return f"{self.message}: {os.strerror(self.err)} ({errno.errorcode.get(self.err, self.err)})"
 
 
 class ModuleNotLoadedError(DeviceError):

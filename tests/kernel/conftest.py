@@ -7,6 +7,7 @@ with the reason; inside the VM (UMEM_IN_VM=1) a skip fails the run.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -61,10 +62,8 @@ def make_instance(control: Control) -> Iterator[Callable[..., Server]]:
     yield make
     for server in made:
         server.close()
-        try:
+        with contextlib.suppress(InstanceNotFoundError):
             control.destroy(server.name)
-        except InstanceNotFoundError:
-            pass
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

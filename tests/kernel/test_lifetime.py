@@ -1,0 +1,137 @@
+"""Lifetime: killable waits, the server leaving and coming back, DESTROY
+with pages missing, and the module pinned by its instances."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from umemd import Control, Fault, Server, node_path
+
+from .conftest import load_module
+from .mapping import PAGE, Mapping, page_pattern
+from .test_faults import Reader, waiters
+from .waiting import wait_until
+
+# A process that maps an instance, reads the pages named on stdin one per
+# line and prints each page's first 32 bytes.
+TOUCHER = """
+import sys
+sys.path.insert(0, {tests!r})
+from kernel.mapping import Mapping, PAGE
+m = Mapping({path!r}, {size})
+print("mapped", flush=True)
+for line in sys.stdin:
+    page = int(line)
+    print(m.read(page * PAGE, 32).decode(errors="replace"), flush=True)
+"""
+
+
+def start_toucher(server: Server) -> subprocess.Popen[str]:
+    tests = str(Path(__file__).resolve().parents[1])
+    script = TOUCHER.format(tests=tests, path=str(node_path(server.name)), size=server.size)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "mapped\n"
+    return proc
+
+
+def touch(proc: subprocess.Popen[str], page: int) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(f"{page}\n")
+    proc.stdin.flush()
+
+
+def test_a_waiter_killed_dies_promptly(make_instance: Callable[..., Server]) -> None:
+    server = make_instance(size=1 << 20)
+    proc = start_toucher(server)
+    touch(proc, 3)
+    wait_until(lambda: waiters(server) == 1, what="the toucher to wait")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    wait_until(lambda: waiters(server) == 0, what="the wait to end")
+
+
+def test_mmap_works_while_another_thread_waits_for_a_page(make_instance: Callable[..., Server]) -> None:
+    server = make_instance(size=1 << 20)
+    with Mapping(node_path(server.name), 1 << 20) as m:
+        reader = Reader(m, 0)
+        wait_until(lambda: waiters(server) == 1, what="the reader to wait")
+        elapsed: list[float] = []
+
+        def map_and_unmap() -> None:
+            start = time.monotonic()
+            for _ in range(10):
+                Mapping(node_path(server.name), PAGE).close()
+            elapsed.append(time.monotonic() - start)
+
+        worker = threading.Thread(target=map_and_unmap, daemon=True)
+        worker.start()
+        worker.join(10)
+        # mmap_lock is not held while the reader sleeps: the worker finished
+        # while the page is still missing.
+        assert elapsed and reader.is_alive(), "mmap blocked behind a sleeping fault"
+        server.fill([(0, page_pattern(0))])
+        reader.join(10)
+        assert reader.data == page_pattern(0)
+
+
+def test_pending_faults_are_read_again_after_attach(control: Control, make_instance: Callable[..., Server]) -> None:
+    server = make_instance(size=1 << 20)
+    with Mapping(node_path(server.name), 1 << 20) as m:
+        read_once = Reader(m, 2 * PAGE)
+        assert server.read_faults() == [Fault(2 * PAGE, write=False)]
+        never_read = Reader(m, 7 * PAGE)
+        wait_until(lambda: waiters(server) == 2, what="two waiters")
+        server.close()  # the daemon dies: one fault read, one still queued
+
+        with control.attach(server.name, nonblock=True) as again:
+            wait_until(lambda: again.stats().requested >= 3, what="the waiters to ask again")
+            offsets = sorted(f.offset for f in again.read_faults())
+            assert offsets == [2 * PAGE, 7 * PAGE]
+            again.fill([(2 * PAGE, page_pattern(2)), (7 * PAGE, page_pattern(7))])
+            read_once.join(10)
+            never_read.join(10)
+            assert read_once.data == page_pattern(2)
+            assert never_read.data == page_pattern(7)
+
+
+def test_destroy_with_pages_missing_raises_sigbus(control: Control, make_instance: Callable[..., Server]) -> None:
+    server = make_instance(size=1 << 20)
+    server.fill([(0, page_pattern(0))])
+    sleeper, later = start_toucher(server), start_toucher(server)
+    touch(sleeper, 5)
+    wait_until(lambda: waiters(server) == 1, what="the sleeper to wait")
+
+    control.destroy(server.name)
+    assert not node_path(server.name).exists()
+    assert sleeper.wait(timeout=10) == -signal.SIGBUS
+
+    touch(later, 0)  # present pages stay readable until unmapped
+    assert later.stdout is not None
+    assert later.stdout.readline().strip() == page_pattern(0)[:32].decode()
+    touch(later, 6)  # a later fault on a missing page
+    assert later.wait(timeout=10) == -signal.SIGBUS
+    server.close()
+
+
+def rmmod() -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["rmmod", "umem"], capture_output=True, text=True)
+
+
+def test_module_is_pinned_by_an_instance_without_any_fd() -> None:
+    with Control() as control:
+        control.create("pin", 1 << 20).close()
+    try:
+        refused = rmmod()
+        assert refused.returncode != 0 and "in use" in refused.stderr
+    finally:
+        with Control() as control:
+            control.destroy("pin")
+    assert rmmod().returncode == 0
+    load_module()
+
