@@ -1,0 +1,1 @@
+"""Host-side tests of the patched QEMU (qemu-patches/): build, flags, migration."""

@@ -1,0 +1,231 @@
+"""Run the patched QEMU on the host: find the build, start guests, parse their output.
+
+- :func:`qemu_binary` / :func:`qemu_datadir`: the build of ``make qemu``
+  (``qemu-patches/build.sh``), overridable with ``UMEM_QEMU``.
+- :func:`guest_image`: the test guest of ``tests/qemu/guest/build.sh``.
+- :class:`Vm`: one QEMU process with a QMP socket (``qemu.qmp``) and its serial
+  console in a file; an async context manager.
+- :class:`WorkloadLog`: the guest workload's ``UMEMWL`` lines (heartbeats,
+  verification passes, bad pages), see ``tests/qemu/guest/workload.c``.
+- :func:`run_qemu`: a short synchronous run, for command-line error checks.
+
+Every guest runs under TCG: this host's KVM boots no standard guest (BRIEF §5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("UMEM_CACHE", "/var/cache/umem"))
+ACCEL = os.environ.get("UMEM_QEMU_ACCEL", "tcg")
+
+
+def qemu_binary() -> Path:
+    """The patched qemu-system-x86_64 (``UMEM_QEMU`` or the cache's ``current``)."""
+    env = os.environ.get("UMEM_QEMU")
+    return Path(env) if env else CACHE / "qemu" / "current" / "bin" / "qemu-system-x86_64"
+
+
+def qemu_datadir() -> Path:
+    """Firmware directory for ``-L``, beside the binary's ``bin/``."""
+    return qemu_binary().resolve().parent.parent / "share" / "qemu"
+
+
+def qemu_base_args() -> list[str]:
+    return [str(qemu_binary()), "-L", str(qemu_datadir()), "-nodefaults", "-display", "none",
+            "-machine", "q35", "-accel", ACCEL]
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+    def args(self, **params: int) -> list[str]:
+        """``-kernel/-initrd/-append`` with workload parameters (``mib=64`` → ``wl_mib=64``)."""
+        extra = " ".join(f"wl_{k}={v}" for k, v in params.items())
+        return ["-kernel", str(self.kernel), "-initrd", str(self.initrd),
+                "-append", f"{self.cmdline} {extra}".strip()]
+
+
+def guest_image() -> GuestImage:
+    """Build (or reuse from the cache) the test guest and return its files."""
+    out = subprocess.run(["bash", str(CHECKOUT / "tests/qemu/guest/build.sh")], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
+    d = Path(out)
+    return GuestImage(d / "vmlinuz", d / "initrd.img", (d / "cmdline").read_text().strip())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class QemuRun:
+    returncode: int
+    output: str
+
+
+def run_qemu(*args: str, qmp_commands: list[str] | None = None, timeout: float = 60) -> QemuRun:
+    """Start QEMU with ``args`` and a QMP monitor on stdio, send ``qmp_commands``
+    (then ``quit``), and return its exit code and combined output."""
+    cmds = ['{"execute": "qmp_capabilities"}', *(qmp_commands or []), '{"execute": "quit"}']
+    p = subprocess.run([*qemu_base_args(), *args, "-qmp", "stdio"], input="\n".join(cmds) + "\n",
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return QemuRun(p.returncode, p.stdout)
+
+
+_LINE = re.compile(r"UMEMWL (?P<tag>[A-Z]+)(?P<rest>.*)")
+_KV = re.compile(r"(\w+)=(\S+)")
+
+
+@dataclass
+class WorkloadLog:
+    """The workload's report, parsed from a serial console log."""
+
+    heartbeats: list[tuple[int, int]] = field(default_factory=list)  # (seq, t_ns)
+    verifies: list[dict[str, int]] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)
+    filled: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str) -> WorkloadLog:
+        log = cls()
+        for line in text.splitlines():
+            m = _LINE.search(line)
+            if not m:
+                continue
+            tag, kv = m["tag"], dict(_KV.findall(m["rest"]))
+            if tag == "HB":
+                log.heartbeats.append((int(kv["seq"]), int(kv["t"])))
+            elif tag == "VERIFY":
+                log.verifies.append({k: int(v) for k, v in kv.items()})
+            elif tag == "BAD":
+                log.bad.append(line.strip())
+            elif tag == "FILLED":
+                log.filled = True
+            elif tag == "ERROR":
+                log.errors.append(line.strip())
+        return log
+
+    @property
+    def total_bad(self) -> int:
+        return sum(v["bad"] for v in self.verifies)
+
+    def max_gap_ms(self, after_ns: int = 0) -> float:
+        """Longest gap between consecutive heartbeats (guest monotonic time)."""
+        ts = [t for _, t in self.heartbeats if t >= after_ns]
+        return max((b - a for a, b in itertools.pairwise(ts)), default=0) / 1e6
+
+
+class Vm:
+    """One QEMU process: QMP on a Unix socket, serial console to ``<name>.serial``."""
+
+    def __init__(self, workdir: Path, name: str, args: list[str]) -> None:
+        self.name = name
+        self.qmp_path = workdir / f"{name}.qmp"
+        self.serial_path = workdir / f"{name}.serial"
+        self.stderr_path = workdir / f"{name}.stderr"
+        self.args = [*qemu_base_args(), "-name", name,
+                     "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                     "-serial", f"file:{self.serial_path}", *args]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp = QMPClient(name)
+
+    async def __aenter__(self) -> Vm:
+        with self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
+                                         stdout=err, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name}: QEMU exited with {self.proc.returncode}: {self.stderr()}")
+            try:
+                await self.qmp.connect(str(self.qmp_path))
+                return self
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.qmp.execute("quit"), 5)
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        if self.proc is not None:
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGKILL)
+                self.proc.wait()
+
+    async def cmd(self, command: str, **args: Any) -> Any:
+        return await self.qmp.execute(command, args or None)
+
+    def serial(self) -> str:
+        try:
+            return self.serial_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def workload(self) -> WorkloadLog:
+        return WorkloadLog.parse(self.serial())
+
+    async def wait_serial(self, predicate: Any, timeout: float, what: str) -> WorkloadLog:
+        """Poll the serial log until ``predicate(WorkloadLog)`` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.workload()
+            if predicate(log):
+                return log
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited while waiting for {what}: {self.stderr()}")
+            if time.monotonic() > deadline:
+                tail = "\n".join(self.serial().splitlines()[-15:])
+                raise AssertionError(f"{self.name}: no {what} within {timeout} s; serial tail:\n{tail}")
+            await asyncio.sleep(0.2)
+
+    async def wait_migration(self, states: set[str], timeout: float) -> dict[str, Any]:
+        """Poll query-migrate until its status is in ``states``; fail on 'failed'."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info: dict[str, Any] = await self.cmd("query-migrate")
+            status = info.get("status", "none")
+            if status in states:
+                return info
+            if status == "failed":
+                raise AssertionError(f"{self.name}: migration failed: {info.get('error-desc', info)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: migration still '{status}' after {timeout} s: {info}")
+            await asyncio.sleep(0.1)
+
+    async def capabilities(self) -> dict[str, bool]:
+        caps = await self.cmd("query-migrate-capabilities")
+        return {c["capability"]: c["state"] for c in caps}
