@@ -65,7 +65,7 @@ esac
 [ "$(id -u)" = 0 ] || die "run as root (apt-get, $CACHE_ROOT)"
 [ -s "$HERE/series" ] || die "no series file in $HERE"
 
-apt_quiet() { DEBIAN_FRONTEND=noninteractive apt-get -q -y "$@" >&2; }
+apt_quiet() { DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=600 "$@" >&2; }
 
 ensure_packages() {
     local missing=() p

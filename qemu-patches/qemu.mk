@@ -1,0 +1,30 @@
+# The patched QEMU (qemu-patches/) and its host-side tests (tests/qemu/).
+# Included by the top-level Makefile; see docs/qemu.md.
+#
+#   make qemu        build qemu-system-x86_64 with the series, or reuse the
+#                    cached build (/var/cache/umem/qemu/<key>)
+#   make qemu-guest  build the test guest (/var/cache/umem/guest/<key>)
+#   make test-qemu   the tests in tests/qemu (needs the venv)
+#
+# QEMU_BIN and QEMU_DATADIR name the build's binary and its firmware
+# directory (-L) for other targets; both go through the 'current' symlink
+# that build.sh points at its newest good build.
+
+UMEM_CACHE ?= $(or $(CACHE),/var/cache/umem)
+QEMU_BIN := $(UMEM_CACHE)/qemu/current/bin/qemu-system-x86_64
+QEMU_DATADIR := $(UMEM_CACHE)/qemu/current/share/qemu
+QEMU_GUEST_DIR := $(UMEM_CACHE)/guest/current
+QEMU_TEST_PYTHON ?= $(CURDIR)/.venv/bin/python
+# The top-level 'test' target runs test-qemu when this is set.
+QEMU_TESTS := 1
+
+.PHONY: qemu qemu-guest test-qemu
+
+qemu:
+	UMEM_CACHE=$(UMEM_CACHE) bash qemu-patches/build.sh
+
+qemu-guest:
+	UMEM_CACHE=$(UMEM_CACHE) bash tests/qemu/guest/build.sh
+
+test-qemu: qemu qemu-guest venv
+	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m pytest tests/qemu -q
