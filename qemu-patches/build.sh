@@ -253,7 +253,7 @@ mkdir -p "$SRC/build"
 (cd "$SRC/build" && ../configure --python=/usr/bin/python3 \
     "${CONFIGURE_FLAGS[@]}" >"$WORK/configure.log" 2>&1) \
     || { tail -n 30 "$WORK/configure.log" >&2; die "configure failed (log: $WORK/configure.log)"; }
-say "ninja -j$JOBS qemu-system-x86_64 (about 10 minutes on 2 cores)"
+say "ninja -j$JOBS qemu-system-x86_64 (about 4-5 minutes on 2 cores)"
 BUILD_START=$(date +%s)
 if ! ninja -C "$SRC/build" -j"$JOBS" qemu-system-x86_64 >"$WORK/ninja.log" 2>&1; then
     grep -E -B2 -A8 'FAILED|error:' "$WORK/ninja.log" | tail -n 40 >&2 || true
