@@ -6,15 +6,20 @@ loudly if a patch does not apply); these tests check what it produced.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from .harness import CHECKOUT, qemu_datadir
+from .harness import CACHE, CHECKOUT, qemu_datadir
 
 PATCHES = CHECKOUT / "qemu-patches"
+
+
+def qemu_binary_default() -> Path:
+    return CACHE / "qemu" / "current" / "bin" / "qemu-system-x86_64"
 
 
 def series() -> list[str]:
@@ -61,3 +66,13 @@ def test_binary_has_the_flags(qemu: Path) -> None:
 def test_firmware_is_installed() -> None:
     for name in ("bios-256k.bin", "efi-virtio.rom", "kvmvapic.bin", "linuxboot_dma.bin"):
         assert (qemu_datadir() / name).exists(), name
+
+
+def test_binary_is_built_from_this_series(qemu: Path) -> None:
+    """`current` must be the build of the series in this checkout (make qemu was rerun)."""
+    if os.environ.get("UMEM_QEMU") and Path(os.environ["UMEM_QEMU"]).resolve() != qemu_binary_default().resolve():
+        pytest.skip("UMEM_QEMU names a binary outside the cache")
+    key = subprocess.run(["bash", str(PATCHES / "build.sh"), "--key"], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    info = (qemu.resolve().parent.parent / "BUILD-INFO").read_text()
+    assert f"key={key}\n" in info, f"the binary is not the build of this series ({key}): run `make qemu`"
