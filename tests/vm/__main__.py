@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from .console import PATTERNS, excerpt
 from .initramfs import DEFAULT_CACHE_DIR, InitramfsError, cached_initramfs, find_kernel
 from .qemu import VMConfig, choose_accel, run_vm
 
@@ -70,6 +71,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=os.environ.get("UMEM_VM_ACCEL", "auto"),
         help="accelerator (default: $UMEM_VM_ACCEL or auto: KVM if a probe boot "
              "works on this machine, else TCG; the verdict is cached)")
+    add("--cpu", metavar="MODEL",
+        help="QEMU -cpu model (default: max under TCG, which emulates SVM for nested "
+             "KVM; host under KVM)")
     add("--memory", "-m", default="4G", help="guest RAM (default: 4G)")
     add("--cpus", "-c", type=int, default=2, help="vCPUs (default: 2)")
     add("--tb-size", type=int, default=512, metavar="MIB",
@@ -110,7 +114,7 @@ def main(argv: list[str]) -> int:
         return EXIT_VM_FAILURE
     cfg = VMConfig(
         kernel=kernel, initramfs=initramfs, checkout=CHECKOUT, command=args.command,
-        env=dict(args.env), memory=args.memory, cpus=args.cpus, tb_size=args.tb_size,
+        env=dict(args.env), cpu=args.cpu, memory=args.memory, cpus=args.cpus, tb_size=args.tb_size,
         checkout_cache=args.checkout_cache, net=args.net, hostfwd=args.hostfwd,
         udev_rules=args.udev, timeout=args.timeout, console_log=args.console_log,
         verbose=args.verbose)
@@ -119,24 +123,30 @@ def main(argv: list[str]) -> int:
         print(f"umem-vm: kernel {kernel.release}, accel {cfg.accel} ({reason})", flush=True)
 
     result = run_vm(cfg)
+    if not result.output_newline and sys.stdout.isatty():
+        print(flush=True)
 
     errors = []
     if result.timed_out:
         errors.append(f"timeout: no result within {cfg.timeout:.0f} s; QEMU killed")
     elif result.status is None:
         errors.append("no exit status arrived from the VM (kernel panic, crash or "
-                      "init failure; see the console below)")
-    errors += [f"kernel problem on the console: {p}" for p in result.problems]
+                      "init failure: see the console above)")
+    problems = result.problems
+    errors += [f"kernel problem on the console: {p}" for p in problems[:5]]
+    if len(problems) > 5:
+        errors.append(f"... and {len(problems) - 5} more console lines matching "
+                      f"{', '.join(PATTERNS)}")
     if errors:
         if not cfg.verbose:
-            print("umem-vm: last console lines:", file=sys.stderr)
-            for line in result.console_tail:
+            lines = cfg.console_log.read_text(errors="replace").replace("\r", "").splitlines()
+            print(f"umem-vm: console ({cfg.console_log}):", file=sys.stderr)
+            for line in excerpt(lines, problems):
                 print(f"[console] {line}", file=sys.stderr)
         if result.qemu_output.strip():
             print(f"umem-vm: QEMU said:\n{result.qemu_output.rstrip()}", file=sys.stderr)
         for error in errors:
             print(f"umem-vm: error: {error}", file=sys.stderr)
-        print(f"umem-vm: console log: {cfg.console_log}", file=sys.stderr)
     code = (EXIT_TIMEOUT if result.timed_out else EXIT_VM_FAILURE if errors
             else result.status)
     assert code is not None

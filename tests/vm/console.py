@@ -9,7 +9,6 @@ KERN_WARNING and worse, i.e. all of the reports below.
 from __future__ import annotations
 
 import re
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -48,10 +47,9 @@ class ConsoleScanner:
     An unterminated last line is checked by :meth:`finish`.
     """
 
-    def __init__(self, tail: int = 60) -> None:
+    def __init__(self) -> None:
         self.problems: list[Problem] = []
         self.count = 0
-        self.tail: deque[str] = deque(maxlen=tail)  # the last lines, for error reports
         self._partial = b""
 
     def feed(self, data: bytes) -> list[str]:
@@ -69,7 +67,6 @@ class ConsoleScanner:
     def _add(self, raw: bytes) -> str:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         self.count += 1
-        self.tail.append(line)
         match = _PATTERN_RE.search(line)
         if match:
             self.problems.append(Problem(self.count, match.group(0), line))
@@ -82,3 +79,16 @@ def scan(lines: Iterable[str]) -> list[Problem]:
     for line in lines:
         scanner.feed(line.encode() + b"\n")
     return scanner.problems
+
+
+def excerpt(lines: list[str], problems: list[Problem], before: int = 5,
+            limit: int = 80) -> list[str]:
+    """The part of a console log worth showing after a failure.
+
+    From a few lines before the first problem (the start of the splat), at
+    most ``limit`` lines; without problems, the last ``limit`` lines.
+    """
+    if problems:
+        start = max(0, problems[0].lineno - 1 - before)
+        return lines[start:start + limit]
+    return lines[-limit:]

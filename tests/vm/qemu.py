@@ -5,8 +5,9 @@ selector loop:
 
 - ``console``: ttyS0, the kernel console; logged to a file and scanned,
 - ``output``: ttyS1, the command's stdout and stderr; copied to our stdout,
-- ``status``: virtio-serial port ``org.umem.vm.status``; the init writes the
-  exit status, we acknowledge it, and only then does the guest power off.
+- ``status``: virtio-serial port ``org.umem.vm.status``, a line protocol:
+  the init asks for the host's time at start and reports the exit status at
+  the end; we acknowledge it, and only then does the guest power off.
 
 QEMU's own stdout/stderr go to a pipe and are shown when the run fails.
 """
@@ -39,6 +40,7 @@ KERNEL_CMDLINE = (
     "console=ttyS0 panic=-1 oops=panic panic_on_warn=1 loglevel=5 "
     "net.ifnames=0 rdinit=/init"
 )
+UDEV_NO_AUTOLOAD = b"# umem test VM: no module autoloading by udev (tests/vm/qemu.py)\n"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -50,6 +52,7 @@ class VMConfig:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     accel: str = "tcg"  # "kvm" or "tcg"
+    cpu: str | None = None  # -cpu model; None: "host" under KVM, "max" under TCG
     memory: str = "4G"
     cpus: int = 2
     tb_size: int = 512  # MiB of TCG translation cache
@@ -67,9 +70,9 @@ class RunResult:
     status: int | None  # the command's exit status, None if none arrived
     elapsed: float
     problems: list[Problem]
-    console_tail: list[str]
     timed_out: bool = False
     marker_seen: bool = False
+    output_newline: bool = True  # the command's output ended with a newline
     qemu_returncode: int | None = None
     qemu_output: str = ""
 
@@ -113,17 +116,21 @@ def run_files(cfg: VMConfig) -> dict[str, bytes]:
         "set -- " + " ".join(shlex.quote(a) for a in env_args + cfg.command),
     ]
     files = {"etc/umem-vm/run.conf": "\n".join(conf).encode() + b"\n"}
-    for i, rules in enumerate(cfg.udev_rules):
-        files[f"etc/umem-vm/rules.d/{i:02d}-{rules.name}"] = rules.read_bytes()
+    for rules in cfg.udev_rules:
+        files[f"etc/umem-vm/rules.d/{rules.name}"] = rules.read_bytes()
+    if cfg.udev_rules and "80-drivers.rules" not in {r.name for r in cfg.udev_rules}:
+        # Mask Debian's rule that modprobes every device's modalias: coldplug
+        # would load ~40 modules (AHCI, crypto, watchdog...), 15 s under TCG.
+        files["etc/umem-vm/rules.d/80-drivers.rules"] = UDEV_NO_AUTOLOAD
     return files
 
 
 def qemu_command(cfg: VMConfig, initrd: Path, sockets: dict[str, Path]) -> list[str]:
     if cfg.accel == "kvm":
-        accel = ["-accel", "kvm", "-cpu", "host"]
+        accel = ["-accel", "kvm", "-cpu", cfg.cpu or "host"]
     else:
         # -cpu max: TCG emulates SVM, so the guest can load kvm_amd.
-        accel = ["-accel", f"tcg,thread=multi,tb-size={cfg.tb_size}", "-cpu", "max"]
+        accel = ["-accel", f"tcg,thread=multi,tb-size={cfg.tb_size}", "-cpu", cfg.cpu or "max"]
     fs = "security_model=none,multidevs=remap"
     args = [
         QEMU, "-nodefaults", "-no-reboot", "-display", "none",
@@ -147,6 +154,23 @@ def qemu_command(cfg: VMConfig, initrd: Path, sockets: dict[str, Path]) -> list[
         args += ["-netdev", f"user,id=net0{fwd}",
                  "-device", "virtio-net-pci,netdev=net0"]
     return args
+
+
+def _status_request(line: str, result: RunResult) -> bytes:
+    """Answer one line the init sent on the status port.
+
+    "time?" -> "time SECONDS.NANOSECONDS": the host's clock, so that guest and
+    9p (host) timestamps agree (the RTC has a resolution of one second);
+    "status N" -> "ok": N is the command's exit status.
+    """
+    if line == "time?":
+        ns = time.time_ns()
+        return f"time {ns // 10**9}.{ns % 10**9:09d}\n".encode()
+    word, _, arg = line.partition(" ")
+    if word == "status" and result.status is None:
+        result.status = int(arg) if arg.isdigit() else 255
+        return b"ok\n"
+    return b"error\n"
 
 
 def run_vm(cfg: VMConfig, *, marker_timeout: float | None = None,
@@ -180,9 +204,9 @@ def run_vm(cfg: VMConfig, *, marker_timeout: float | None = None,
         assert proc.stdout is not None
         fcntl.fcntl(proc.stdout, fcntl.F_SETFL, os.O_NONBLOCK)
         sel.register(proc.stdout, selectors.EVENT_READ, ("qemu", "qemu"))
-        result = RunResult(None, 0.0, scanner.problems, [])
+        result = RunResult(None, 0.0, scanner.problems)
         qemu_output = bytearray()
-        status_buf = bytearray()
+        status_buf = b""
         open_streams = 1  # QEMU's stdout, then each accepted chardev
 
         def kill() -> None:
@@ -226,6 +250,7 @@ def run_vm(cfg: VMConfig, *, marker_timeout: float | None = None,
                     elif role == "output":
                         out.write(data)
                         out.flush()
+                        result.output_newline = data.endswith(b"\n")
                     elif role == "console":
                         log.write(data)
                         log.flush()
@@ -236,12 +261,12 @@ def run_vm(cfg: VMConfig, *, marker_timeout: float | None = None,
                                 result.marker_seen = True
                                 if marker_timeout is not None:
                                     kill()
-                    elif role == "status" and result.status is None:
+                    elif role == "status":
                         status_buf += data
-                        if b"\n" in status_buf:
-                            text = status_buf.split(b"\n", 1)[0].decode(errors="replace")
-                            result.status = int(text) if text.isdigit() else 255
-                            key.fileobj.sendall(b"ok\n")  # type: ignore[union-attr]
+                        *lines, status_buf = status_buf.split(b"\n")
+                        for request in lines:
+                            reply = _status_request(request.decode(errors="replace"), result)
+                            key.fileobj.sendall(reply)  # type: ignore[union-attr]
         finally:
             kill()
             result.qemu_returncode = proc.wait()
@@ -250,7 +275,6 @@ def run_vm(cfg: VMConfig, *, marker_timeout: float | None = None,
             if cfg.verbose:
                 print(f"[console] {line}", flush=True)
         result.elapsed = time.monotonic() - start
-        result.console_tail = list(scanner.tail)
         result.qemu_output = qemu_output.decode(errors="replace")
         return result
 

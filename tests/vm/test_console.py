@@ -60,7 +60,16 @@ def test_scanner_joins_lines_split_across_reads_and_strips_cr() -> None:
         "[ 1.0] WARNING: CPU: 0", "[ 2.0] ok"]
     assert scanner.finish() == ["partial BUG:"]
     assert [(p.lineno, p.pattern) for p in scanner.problems] == [(1, "WARNING:"), (3, "BUG:")]
-    assert list(scanner.tail) == ["[ 1.0] WARNING: CPU: 0", "[ 2.0] ok", "partial BUG:"]
+    assert scanner.count == 3
+
+
+def test_excerpt_starts_before_the_first_problem() -> None:
+    lines = [f"line {i}" for i in range(200)]
+    lines[100] = "[ 9.0] WARNING: CPU: 1 PID: 2 at x"
+    problems = console.scan(lines)
+    shown = console.excerpt(lines, problems, before=5, limit=10)
+    assert shown[0] == "line 95" and shown[5] == lines[100] and len(shown) == 10
+    assert console.excerpt(lines, [], limit=3) == ["line 197", "line 198", "line 199"]
 
 
 def test_lowercase_and_benign_words_do_not_match() -> None:
