@@ -19,8 +19,9 @@ KERNEL_SOURCES := $(wildcard kernel/*.c kernel/*.h) kernel/Kbuild kernel/Makefil
 	kernel/include/uapi/linux/umem.h
 PY_SOURCES := $(shell find daemon tests -name '*.py' -not -path '*/__pycache__/*')
 
+PYTEST_ARGS ?= -q
 VM := $(PY) -m tests.vm
-VM_KERNEL_ARGS := --udev kernel/60-umem.rules --env UMEM_KMOD=$(CURDIR)/kernel/umem.ko --env UMEM_IN_VM=1
+VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev kernel/60-umem.rules --env UMEM_KMOD=$(CURDIR)/kernel/umem.ko --env UMEM_IN_VM=1
 
 -include qemu-patches/qemu.mk
 
@@ -87,7 +88,7 @@ check: lint unit kmod-strict
 # The kernel suite, inside a VM booting Debian's own kernel.
 test-kernel: abi kmod
 	$(PY) -m compileall -q daemon tests
-	$(VM) $(VM_KERNEL_ARGS) -- $(PY) -m pytest tests/kernel -q
+	$(VM) $(VM_KERNEL_ARGS) -- $(PY) -m pytest tests/kernel $(PYTEST_ARGS)
 
 bench-kernel: abi kmod
 	$(PY) -m compileall -q daemon tests bench

@@ -65,7 +65,6 @@ setup(
     packages=["umemd"],
     package_data={"umemd": ["py.typed"]},
     cffi_modules=["daemon/umemd/_abi_build.py:ffibuilder"],
-    setup_requires=["cffi>=1.17"],
     install_requires=["cffi>=1.17", "pyudev>=0.24"],
     entry_points={"console_scripts": ["umemd = umemd.cli:main"]},
     cmdclass={"build_kmod": BuildKmod},

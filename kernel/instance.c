@@ -35,10 +35,11 @@ static vm_fault_t (*umem_shmem_fault)(struct vm_fault *vmf);
 int umem_instance_init(void)
 {
 	struct file_system_type *tmpfs = get_fs_type("tmpfs");
+	char options[] = "huge=never";	/* parsed in place: not const */
 
 	if (!tmpfs)
 		return -ENODEV;
-	umem_mnt = vfs_kern_mount(tmpfs, SB_KERNMOUNT, tmpfs->name, "huge=never");
+	umem_mnt = vfs_kern_mount(tmpfs, SB_KERNMOUNT, tmpfs->name, options);
 	module_put(tmpfs->owner);	/* put_filesystem() is not exported */
 	return PTR_ERR_OR_ZERO(umem_mnt);
 }

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from umemd._umem_abi import ffi, lib
 from umemd.errors import (
@@ -79,8 +79,7 @@ class Fault:
     write: bool
 
 
-@dataclass(frozen=True)
-class FillResult:
+class FillResult(NamedTuple):
     """Pages made present and pages left alone because they were present."""
 
     done: int
@@ -246,6 +245,8 @@ class Server:
             buf = ffi.from_buffer(data)
             keep.append(buf)
             spec.append({"offset": offset, "len": len(buf), "src": int(ffi.cast("uintptr_t", buf))})
+        if not spec:
+            return FillResult(0, 0)
         array = ffi.new("struct umem_fill_range[]", spec)
         req = ffi.new("struct umem_fill *", {"ranges": int(ffi.cast("uintptr_t", array)), "count": len(spec)})
         _ioctl(self._fd, lib.UMEM_FILL, req, f"cannot fill {len(spec)} ranges of umem instance {self.name!r}")

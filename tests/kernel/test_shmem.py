@@ -23,9 +23,10 @@ class IoVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-def serve_one_fault(server: Server, offset: int, data: bytes) -> None:
-    assert server.read_faults() == [Fault(offset, write=False)]
-    server.fill([(offset, data)])
+def serve_one_fault(server: Server, offset: int, data: bytes, *, write: bool = False) -> None:
+    faults = server.read_faults()
+    server.fill([(offset, data)])  # first, so a failed check leaves no thread blocked
+    assert faults == [Fault(offset, write=write)]
 
 
 def test_process_vm_readv_faults_the_page_in(make_instance: Callable[..., Server]) -> None:
@@ -49,6 +50,7 @@ def test_process_vm_readv_faults_the_page_in(make_instance: Callable[..., Server
 def loop_device(tmp_path: Path) -> Iterator[str]:
     backing = tmp_path / "disk"
     backing.write_bytes(bytes(1 << 20))
+    subprocess.run(["modprobe", "loop"], check=True)
     dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
                          capture_output=True, text=True).stdout.strip()
     yield dev
@@ -85,7 +87,7 @@ def test_kernel_context_fault_from_a_pipe_read(make_instance: Callable[..., Serv
             result: list[int] = []
             t = threading.Thread(target=lambda: result.append(os.readv(rfd, [target])))
             t.start()
-            serve_one_fault(server, 6 * PAGE, page_pattern(6))
+            serve_one_fault(server, 6 * PAGE, page_pattern(6), write=True)
             t.join(10)
             assert result == [13]
             assert m.read(6 * PAGE, PAGE) == b"from the pipe" + page_pattern(6)[13:]
