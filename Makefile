@@ -15,6 +15,7 @@ BUILD := build
 APT_PACKAGES := qemu-system-x86 busybox-static linux-image-amd64 linux-headers-amd64 \
 	kmod udev dkms iproute2 gcc make python3-venv
 
+KDIR = $(shell ls -d /lib/modules/*/build 2>/dev/null | sort -V | tail -n 1)
 KERNEL_SOURCES := $(wildcard kernel/*.c kernel/*.h) kernel/Kbuild kernel/Makefile \
 	kernel/include/uapi/linux/umem.h
 PY_SOURCES := $(shell find daemon tests -name '*.py' -not -path '*/__pycache__/*')
@@ -25,7 +26,7 @@ VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev kernel/60-
 
 -include qemu-patches/qemu.mk
 
-.PHONY: help setup apt venv abi kmod check lint unit kmod-strict test test-kernel \
+.PHONY: help setup apt venv abi kmod check lint unit kmod-strict dkms-check test test-kernel \
 	bench-kernel demo clean
 
 help:
@@ -82,11 +83,24 @@ lint: abi
 unit: abi
 	$(PY) -m pytest tests/unit tests/vm -q
 
-check: lint unit kmod-strict
+# dkms add/build of kernel/ against the installed headers, in a private tree.
+dkms-check: apt
+	rm -rf $(BUILD)/dkms && mkdir -p $(BUILD)/dkms/tree $(BUILD)/dkms/src/umem-0.1.0
+	git ls-files kernel | sed 's|^kernel/||' | (cd kernel && xargs cp --parents -t $(CURDIR)/$(BUILD)/dkms/src/umem-0.1.0)
+	dkms --dkmstree $(CURDIR)/$(BUILD)/dkms/tree --sourcetree $(CURDIR)/$(BUILD)/dkms/src add umem/0.1.0 >/dev/null
+	dkms --dkmstree $(CURDIR)/$(BUILD)/dkms/tree --sourcetree $(CURDIR)/$(BUILD)/dkms/src \
+		build umem/0.1.0 -k $(notdir $(patsubst %/build,%,$(KDIR))) >/dev/null
+	@echo "dkms add/build of kernel/ against $(KDIR): ok"
+
+check: lint unit kmod-strict dkms-check
 	@echo "make check: lint, types, unit tests and the W=1 module build passed"
 
+$(BUILD)/kvm_guest: tests/kernel/kvm_guest.c | apt
+	@mkdir -p $(BUILD)
+	gcc -O2 -Wall -Wextra -Werror -o $@ $<
+
 # The kernel suite, inside a VM booting Debian's own kernel.
-test-kernel: abi kmod
+test-kernel: abi kmod $(BUILD)/kvm_guest
 	$(PY) -m compileall -q daemon tests
 	$(VM) $(VM_KERNEL_ARGS) -- $(PY) -m pytest tests/kernel $(PYTEST_ARGS)
 
