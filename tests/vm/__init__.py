@@ -2,6 +2,7 @@
 
 Modules: :mod:`.initramfs` (kernel discovery, initramfs build and cache),
 :mod:`.qemu` (QEMU command line, the run loop, accelerator choice),
-:mod:`.console` (the kernel console check) and ``__main__`` (the CLI).
+:mod:`.console` (the kernel console check), ``init.sh`` (the guest's PID 1)
+and ``__main__`` (the CLI).
 See docs/testing.md.
 """

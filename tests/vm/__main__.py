@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,8 +33,8 @@ BUG, Oops, Call Trace, panic, GPF, UBSAN or KASAN report, and with 124 on
 EPILOG = """\
 examples:
   python3 -m tests.vm -- true
-  python3 -m tests.vm --udev kernel/99-umem.rules -- pytest tests/kernel
-  python3 -m tests.vm --hostfwd 4444:4444 -- sh -c 'nc -l -p 4444'
+  python3 -m tests.vm --udev kernel/60-umem.rules -- python -m pytest tests/kernel
+  python3 -m tests.vm --hostfwd 4444:4444 -- python3 -m http.server 4444
   UMEM_VM_ACCEL=tcg python3 -m tests.vm --env FOO=1 -- sh -c 'echo $FOO'"""
 
 
@@ -106,6 +107,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    # On SIGTERM, unwind: run_vm kills QEMU and removes its temporary files.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         kernel = find_kernel(args.kernel)
         initramfs = cached_initramfs(kernel, args.cache_dir)

@@ -82,16 +82,18 @@ boot() {
 }
 
 run() {
+	# busybox sh runs its own applets before anything on PATH: the host's
+	# tools (kmod's modprobe, GNU date, udevadm) are called by full path.
 	export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 	. "$STATE/run.conf"
 	open_status_port || die "no virtio-serial port org.umem.vm.status"
 	# The host's clock, to the nanosecond: the RTC gave us whole seconds.
 	echo "time?" >&4
-	read -r -t 10 _ now <&4 && date -s "@$now" >/dev/null
+	read -r -t 10 _ now <&4 && /bin/date -s "@$now" >/dev/null
 	$BB hostname umem-vm
 	$BB ip link set lo up
 	if [ "$UMEM_VM_NET" = 1 ]; then
-		modprobe virtio_net || die "modprobe virtio_net"
+		/sbin/modprobe virtio_net || die "modprobe virtio_net"
 		$BB ip addr add 10.0.2.15/24 dev eth0 && $BB ip link set eth0 up &&
 			$BB ip route add default via 10.0.2.2 || die "configure eth0"
 		rm -f /etc/resolv.conf
@@ -101,8 +103,8 @@ run() {
 		mkdir -p /run/udev/rules.d
 		cp "$STATE"/rules.d/* /run/udev/rules.d/ || die "copy udev rules"
 		/lib/systemd/systemd-udevd --daemon 4>&- || die "start systemd-udevd"
-		udevadm trigger --action=add || die "udevadm trigger"
-		udevadm settle --timeout=120 || die "udevadm settle"
+		/bin/udevadm trigger --action=add || die "udevadm trigger"
+		/bin/udevadm settle --timeout=120 || die "udevadm settle"
 	fi
 
 	# The command: cwd = checkout, stdin /dev/null, output on ttyS1.

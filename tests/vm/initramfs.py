@@ -242,6 +242,7 @@ def cached_initramfs(kernel: Kernel, cache_dir: Path = DEFAULT_CACHE_DIR) -> Pat
     data = build_initramfs(kernel)
     with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".initramfs-", delete=False) as f:
         f.write(data)
+    os.chmod(f.name, 0o644)
     os.replace(f.name, path)
     for old in cache_dir.glob(f"initramfs-{kernel.release}-*.cpio.gz"):
         if old != path:

@@ -14,6 +14,8 @@ QEMU's own stdout/stderr go to a pipe and are shown when the run fails.
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -21,6 +23,7 @@ import os
 import selectors
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -173,6 +176,13 @@ def _status_request(line: str, result: RunResult) -> bytes:
     return b"error\n"
 
 
+def _die_with_parent(parent: int) -> None:
+    """QEMU's preexec_fn: SIGKILL it if the harness dies (PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    if os.getppid() != parent:  # the harness died before prctl
+        os._exit(1)
+
+
 def run_vm(cfg: VMConfig, *, marker_timeout: float | None = None,
            out: BinaryIO | None = None) -> RunResult:
     """Boot the VM, run the command, return what happened.
@@ -199,8 +209,10 @@ def run_vm(cfg: VMConfig, *, marker_timeout: float | None = None,
             sel.register(listener, selectors.EVENT_READ, ("listen", role))
 
         start = time.monotonic()
+        parent = os.getpid()
         proc = subprocess.Popen(qemu_command(cfg, initrd, sockets), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: _die_with_parent(parent))
         assert proc.stdout is not None
         fcntl.fcntl(proc.stdout, fcntl.F_SETFL, os.O_NONBLOCK)
         sel.register(proc.stdout, selectors.EVENT_READ, ("qemu", "qemu"))
@@ -327,9 +339,9 @@ def choose_accel(requested: str, cfg: VMConfig, cache_dir: Path,
         return verdict["accel"], f"cached probe verdict ({path}): {verdict['reason']}"
     except (OSError, ValueError, KeyError):
         pass
-    probe_cfg = VMConfig(**{**cfg.__dict__, "accel": "kvm", "command": ["true"],
-                            "console_log": path.with_suffix(".console.log"),
-                            "verbose": False, "net": False, "hostfwd": []})
+    probe_cfg = dataclasses.replace(
+        cfg, accel="kvm", command=["true"], console_log=path.with_suffix(".console.log"),
+        verbose=False, net=False, hostfwd=[], udev_rules=[])
     with open(os.devnull, "wb") as devnull:
         result = run_vm(probe_cfg, marker_timeout=probe_timeout, out=devnull)
     if result.marker_seen:
@@ -340,5 +352,7 @@ def choose_accel(requested: str, cfg: VMConfig, cache_dir: Path,
     else:
         accel, reason = "tcg", f"KVM boot did not reach init within {probe_timeout:.0f} s"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"accel": accel, "reason": reason}) + "\n")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"accel": accel, "reason": reason}) + "\n")
+    tmp.replace(path)
     return accel, f"probed: {reason}"
