@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from umemd import Control, InstanceNotFoundError, Server
+from umemd import Control, DeviceError, InstanceNotFoundError, Server
 from umemd.device import CONTROL_PATH
 
 IN_VM = os.environ.get("UMEM_IN_VM") == "1"
@@ -61,6 +61,8 @@ def make_instance(control: Control) -> Iterator[Callable[..., Server]]:
 
     yield make
     for server in made:
+        with contextlib.suppress(DeviceError):
+            server.zero(0, server.size)  # release any thread a failed test left waiting
         server.close()
         with contextlib.suppress(InstanceNotFoundError):
             control.destroy(server.name)

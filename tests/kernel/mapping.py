@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 from pathlib import Path
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -35,6 +36,13 @@ class Mapping:
             os.close(fd)
         self.addr: int = addr
         self.length = length
+        self._readers: list[Reader] = []
+
+    def reader(self, offset: int, length: int = PAGE) -> Reader:
+        """Start a thread that reads ``length`` bytes at ``offset``."""
+        reader = Reader(self, offset, length)
+        self._readers.append(reader)
+        return reader
 
     def read(self, offset: int, n: int) -> bytes:
         buf = ctypes.create_string_buffer(n)
@@ -45,9 +53,14 @@ class Mapping:
         ctypes.memmove(self.addr + offset, data, len(data))
 
     def close(self) -> None:
-        if self.length:
+        """Unmap, unless a reader still waits for a page: unmapping under it
+        would turn a failed test into a crash (the fixture that made the
+        instance releases such readers, and the mapping leaks)."""
+        for reader in self._readers:
+            reader.join(2)
+        if self.length and not any(r.is_alive() for r in self._readers):
             libc.munmap(self.addr, self.length)
-            self.length = 0
+        self.length = 0
 
     def __enter__(self) -> Mapping:
         return self
@@ -60,3 +73,16 @@ def page_pattern(index: int, seed: int = 0) -> bytes:
     """4 KiB that identify page ``index``: every 8-byte word differs."""
     head = f"page {index:010d} seed {seed:06d} ".encode()
     return (head * (PAGE // len(head) + 1))[:PAGE]
+
+
+class Reader(threading.Thread):
+    """A thread that reads from a mapping (and may block on a missing page)."""
+
+    def __init__(self, mapping: Mapping, offset: int, length: int) -> None:
+        super().__init__(daemon=True)
+        self.mapping, self.offset, self.length = mapping, offset, length
+        self.data: bytes | None = None
+        self.start()
+
+    def run(self) -> None:
+        self.data = self.mapping.read(self.offset, self.length)

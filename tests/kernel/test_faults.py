@@ -12,19 +12,6 @@ from .mapping import PAGE, Mapping, page_pattern
 from .waiting import wait_until
 
 
-class Reader(threading.Thread):
-    """A thread that reads one page of a mapping (and may block on it)."""
-
-    def __init__(self, mapping: Mapping, offset: int, length: int = PAGE) -> None:
-        super().__init__(daemon=True)
-        self.mapping, self.offset, self.length = mapping, offset, length
-        self.data: bytes | None = None
-        self.start()
-
-    def run(self) -> None:
-        self.data = self.mapping.read(self.offset, self.length)
-
-
 def waiters(server: Server) -> int:
     return server.stats().waiters
 
@@ -32,7 +19,7 @@ def waiters(server: Server) -> int:
 def test_fault_blocks_until_filled_then_reads_the_filled_bytes(make_instance: Callable[..., Server]) -> None:
     server = make_instance(size=1 << 20)
     with Mapping(node_path(server.name), 1 << 20) as m:
-        reader = Reader(m, 3 * PAGE)
+        reader = m.reader(3 * PAGE)
         assert server.read_faults() == [Fault(3 * PAGE, write=False)]
         wait_until(lambda: waiters(server) == 1, what="the reader to wait")
         assert reader.is_alive() and reader.data is None
@@ -48,7 +35,7 @@ def test_fault_blocks_until_filled_then_reads_the_filled_bytes(make_instance: Ca
 def test_sixteen_threads_on_one_page_make_one_request(make_instance: Callable[..., Server]) -> None:
     server = make_instance(size=1 << 20, nonblock=True)
     with Mapping(node_path(server.name), 1 << 20) as m:
-        readers = [Reader(m, 5 * PAGE) for _ in range(16)]
+        readers = [m.reader(5 * PAGE) for _ in range(16)]
         wait_until(lambda: waiters(server) == 16, what="16 waiters")
         assert server.read_faults() == [Fault(5 * PAGE, write=False)]
         assert server.read_faults() == []
@@ -64,7 +51,7 @@ def test_distinct_pages_are_each_reported_once(make_instance: Callable[..., Serv
     server = make_instance(size=1 << 20, nonblock=True)
     pages = [0, 1, 7, 100, 255]
     with Mapping(node_path(server.name), 1 << 20) as m:
-        readers = [Reader(m, p * PAGE) for p in pages for _ in range(2)]
+        readers = [m.reader(p * PAGE) for p in pages for _ in range(2)]
         wait_until(lambda: waiters(server) == len(readers), what="every reader to wait")
         offsets = [f.offset for f in server.read_faults(max_records=64)]
         assert sorted(offsets) == [p * PAGE for p in pages]
@@ -130,7 +117,7 @@ def test_poll_and_nonblocking_read(make_instance: Callable[..., Server]) -> None
     assert poller.poll(0) == []
     assert server.read_faults() == []
     with Mapping(node_path(server.name), 1 << 20) as m:
-        reader = Reader(m, 9 * PAGE)
+        reader = m.reader(9 * PAGE)
         assert poller.poll(10_000) == [(server.fileno(), select.POLLIN)]
         assert server.read_faults() == [Fault(9 * PAGE, write=False)]
         assert poller.poll(0) == []
