@@ -8,8 +8,9 @@
  * refcounted shmem pages. Only ->fault is ours: it lets a page through to
  * shmem's fault handler once the page is present, and otherwise queues a
  * fault record for the server and sleeps until the page is filled.
- * shmem's fault-around (->map_pages) is not inherited: it would map pages
- * straight from the page cache, including one a filler is still writing.
+ * shmem's fault-around (->map_pages) is not inherited as it is: it would
+ * map pages straight from the page cache, including one a filler is still
+ * writing. Ours hands it only runs of present pages.
  */
 #include <linux/fs.h>
 #include <linux/fs_context.h>
@@ -31,6 +32,8 @@ static struct vfsmount *umem_mnt;
 static DEFINE_MUTEX(umem_vm_ops_lock);
 static struct vm_operations_struct umem_vm_ops;
 static vm_fault_t (*umem_shmem_fault)(struct vm_fault *vmf);
+static vm_fault_t (*umem_shmem_map_pages)(struct vm_fault *vmf,
+					  pgoff_t start, pgoff_t end);
 
 int umem_instance_init(void)
 {
@@ -280,6 +283,33 @@ static vm_fault_t umem_fault(struct vm_fault *vmf)
 	return umem_fault_missing(inst, vmf);
 }
 
+/*
+ * Fault-around over present pages only: each run of present pages in
+ * [start, end] goes to shmem's map_pages; missing pages are left for
+ * ->fault. A retried fault usually ends here, mapping the page it waited
+ * for and its present neighbours at once.
+ */
+static vm_fault_t umem_map_pages(struct vm_fault *vmf, pgoff_t start,
+				 pgoff_t end)
+{
+	struct umem_instance *inst = vmf->vma->vm_private_data;
+	vm_fault_t ret = 0;
+	pgoff_t run_end;
+
+	if (end >= inst->npages)
+		end = inst->npages - 1;
+	while (start <= end) {
+		start = find_next_bit(inst->present, end + 1, start);
+		if (start > end)
+			break;
+		run_end = find_next_zero_bit(inst->present, end + 1, start);
+		smp_rmb();	/* present bits before the pages' contents */
+		ret |= umem_shmem_map_pages(vmf, start, run_end - 1);
+		start = run_end;
+	}
+	return ret;
+}
+
 static void umem_vm_open(struct vm_area_struct *vma)
 {
 	umem_get(vma->vm_private_data);
@@ -299,7 +329,8 @@ static void umem_vm_ops_setup(const struct vm_operations_struct *shmem_ops)
 		umem_vm_ops.open = umem_vm_open;
 		umem_vm_ops.close = umem_vm_close;
 		umem_vm_ops.fault = umem_fault;
-		umem_vm_ops.map_pages = NULL;
+		umem_shmem_map_pages = shmem_ops->map_pages;
+		umem_vm_ops.map_pages = umem_shmem_map_pages ? umem_map_pages : NULL;
 		umem_shmem_fault = shmem_ops->fault;
 	}
 	mutex_unlock(&umem_vm_ops_lock);

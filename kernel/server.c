@@ -18,13 +18,8 @@
 
 #include "umem.h"
 
-/* Fault records copied out per read() pass. */
-#define UMEM_READ_BATCH 64
-
-/* How a page is made present. */
-struct umem_source {
-	const void __user *src;	/* NULL: zeros */
-};
+/* Fault records copied out per read() pass (on the stack: 512 bytes). */
+#define UMEM_READ_BATCH 16
 
 static bool umem_server_readable(struct umem_instance *inst)
 {
@@ -81,38 +76,30 @@ static ssize_t umem_server_read(struct file *file, char __user *buf,
 				size_t count, loff_t *ppos)
 {
 	struct umem_instance *inst = file->private_data;
-	struct umem_fault *msgs;
-	size_t max = count / sizeof(*msgs);
+	struct umem_fault msgs[UMEM_READ_BATCH];
+	size_t max = count / sizeof(msgs[0]);
 	unsigned int n;
 	ssize_t ret;
 
 	if (!max)
 		return -EINVAL;
-	msgs = kmalloc_array(UMEM_READ_BATCH, sizeof(*msgs), GFP_KERNEL);
-	if (!msgs)
-		return -ENOMEM;
-
 	for (;;) {
 		n = umem_dequeue(inst, msgs, min_t(size_t, max, UMEM_READ_BATCH));
 		if (n || READ_ONCE(inst->dead))
 			break;
-		if (file->f_flags & O_NONBLOCK) {
-			ret = -EAGAIN;
-			goto out;
-		}
+		if (file->f_flags & O_NONBLOCK)
+			return -EAGAIN;
 		ret = wait_event_interruptible(inst->server_wq,
 					       umem_server_readable(inst));
 		if (ret)
-			goto out;
+			return ret;
 	}
 
-	ret = n * sizeof(*msgs);
+	ret = n * sizeof(msgs[0]);
 	if (copy_to_user(buf, msgs, ret)) {
 		umem_requeue(inst, msgs, n);
 		ret = -EFAULT;
 	}
-out:
-	kfree(msgs);
 	return ret;
 }
 
@@ -129,56 +116,99 @@ static __poll_t umem_server_poll(struct file *file, poll_table *wait)
 	return mask;
 }
 
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 12, 0)
 /*
- * Make one page present from @source. Returns 1 when it did, 0 when the
- * page was present already (or another filler holds it), or -errno.
+ * Copy one page in through shmem's own write path: write_begin allocates
+ * the page without zeroing it (a fresh page would otherwise be cleared
+ * only to be overwritten at once), write_end marks it uptodate and dirty.
+ * The instance's size never changes, so i_rwsem is not needed.
  */
-static int umem_fill_page(struct umem_instance *inst, pgoff_t pgoff,
-			  const struct umem_source *source)
+static int umem_copy_page(struct umem_instance *inst, pgoff_t pgoff,
+			  const void __user *src)
 {
 	struct address_space *mapping = inst->shmem->f_mapping;
+	const struct address_space_operations *aops = mapping->a_ops;
+	loff_t pos = (loff_t)pgoff << PAGE_SHIFT;
+	unsigned long left;
 	struct page *page;
-	int ret = 1;
+	void *fsdata = NULL;
+	void *dst;
+	int ret;
+
+	ret = aops->write_begin(inst->shmem, mapping, pos, PAGE_SIZE, &page, &fsdata);
+	if (ret)
+		return ret;
+	dst = kmap_local_page(page);
+	left = copy_from_user(dst, src, PAGE_SIZE);
+	kunmap_local(dst);
+	flush_dcache_page(page);
+	ret = aops->write_end(inst->shmem, mapping, pos, PAGE_SIZE,
+			      PAGE_SIZE - left, page, fsdata);
+	if (ret < 0)
+		return ret;
+	return left ? -EFAULT : 0;
+}
+#else
+/* Newer write_begin signatures: take the page zeroed, then copy. */
+static int umem_copy_page(struct umem_instance *inst, pgoff_t pgoff,
+			  const void __user *src)
+{
+	struct address_space *mapping = inst->shmem->f_mapping;
+	unsigned long left;
+	struct page *page;
+	void *dst;
+
+	page = shmem_read_mapping_page_gfp(mapping, pgoff, mapping_gfp_mask(mapping));
+	if (IS_ERR(page))
+		return PTR_ERR(page);
+	dst = kmap_local_page(page);
+	left = copy_from_user(dst, src, PAGE_SIZE);
+	kunmap_local(dst);
+	flush_dcache_page(page);
+	set_page_dirty(page);
+	put_page(page);
+	return left ? -EFAULT : 0;
+}
+#endif
+
+/* Zeros: a hole reads as zeros; clear a page left by a failed fill. */
+static void umem_zero_page(struct umem_instance *inst, pgoff_t pgoff)
+{
+	struct page *page = find_get_page(inst->shmem->f_mapping, pgoff);
+
+	if (page) {
+		clear_highpage(page);
+		set_page_dirty(page);
+		put_page(page);
+	}
+}
+
+/*
+ * Make one page present from @src (NULL: zeros). Returns 1 when it did, 0
+ * when the page was present already (or another filler holds it), or
+ * -errno. @src must not point into this instance's own mappings.
+ */
+static int umem_fill_page(struct umem_instance *inst, pgoff_t pgoff,
+			  const void __user *src)
+{
+	int ret = 0;
 
 	if (umem_page_present(inst, pgoff))
 		return 0;
 	if (test_and_set_bit_lock(pgoff, inst->filling))
 		return 0;
-	if (umem_page_present(inst, pgoff)) {
-		ret = 0;
+	if (umem_page_present(inst, pgoff))
 		goto unlock;
-	}
 
-	if (source->src) {
-		void *dst;
-
-		page = shmem_read_mapping_page_gfp(mapping, pgoff,
-						   mapping_gfp_mask(mapping));
-		if (IS_ERR(page)) {
-			ret = PTR_ERR(page);
-			goto unlock;
-		}
-		dst = kmap_local_page(page);
-		if (copy_from_user(dst, source->src, PAGE_SIZE))
-			ret = -EFAULT;
-		kunmap_local(dst);
-		flush_dcache_page(page);
-		set_page_dirty(page);
-		put_page(page);
-	} else {
-		/* A hole reads as zeros; clear a page left by a failed fill. */
-		page = find_get_page(mapping, pgoff);
-		if (page) {
-			clear_highpage(page);
-			set_page_dirty(page);
-			put_page(page);
-		}
-	}
-
-	if (ret == 1) {
+	if (src)
+		ret = umem_copy_page(inst, pgoff, src);
+	else
+		umem_zero_page(inst, pgoff);
+	if (!ret) {
 		smp_mb__before_atomic();	/* contents before the bit */
 		set_bit(pgoff, inst->present);
 		atomic64_inc(&inst->npresent);
+		ret = 1;
 	}
 unlock:
 	clear_bit_unlock(pgoff, inst->filling);
@@ -205,14 +235,12 @@ static bool umem_range_valid(struct umem_instance *inst, u64 offset, u64 len)
 static int umem_fill_range(struct umem_instance *inst, u64 offset, u64 len,
 			   u64 src, u64 *done, u64 *skipped)
 {
-	struct umem_source source;
 	pgoff_t pgoff = offset >> PAGE_SHIFT;
 	pgoff_t end = pgoff + (len >> PAGE_SHIFT);
 	int ret = 0;
 
 	for (; pgoff < end; pgoff++) {
-		source.src = src ? u64_to_user_ptr(src) : NULL;
-		ret = umem_fill_page(inst, pgoff, &source);
+		ret = umem_fill_page(inst, pgoff, src ? u64_to_user_ptr(src) : NULL);
 		if (ret < 0)
 			break;
 		if (ret)
@@ -234,7 +262,7 @@ static int umem_fill_range(struct umem_instance *inst, u64 offset, u64 len,
 static long umem_ioctl_fill(struct umem_instance *inst,
 			    struct umem_fill __user *uarg)
 {
-	struct umem_fill_range *ranges;
+	struct umem_fill_range on_stack[4], *ranges;
 	struct umem_fill fill;
 	u64 copied = 0, skipped = 0;
 	long ret = 0;
@@ -247,10 +275,17 @@ static long umem_ioctl_fill(struct umem_instance *inst,
 	if (READ_ONCE(inst->dead))
 		return -ENODEV;
 
-	ranges = memdup_user(u64_to_user_ptr(fill.ranges),
-			     array_size(fill.count, sizeof(*ranges)));
-	if (IS_ERR(ranges))
-		return PTR_ERR(ranges);
+	if (fill.count <= ARRAY_SIZE(on_stack)) {
+		ranges = on_stack;
+		if (copy_from_user(ranges, u64_to_user_ptr(fill.ranges),
+				   fill.count * sizeof(*ranges)))
+			return -EFAULT;
+	} else {
+		ranges = memdup_user(u64_to_user_ptr(fill.ranges),
+				     array_size(fill.count, sizeof(*ranges)));
+		if (IS_ERR(ranges))
+			return PTR_ERR(ranges);
+	}
 	for (i = 0; i < fill.count; i++) {
 		if (!umem_range_valid(inst, ranges[i].offset, ranges[i].len) ||
 		    !ranges[i].src) {
@@ -268,7 +303,8 @@ static long umem_ioctl_fill(struct umem_instance *inst,
 	if (put_user(copied, &uarg->copied) || put_user(skipped, &uarg->skipped))
 		ret = -EFAULT;
 out:
-	kfree(ranges);
+	if (ranges != on_stack)
+		kfree(ranges);
 	return ret;
 }
 

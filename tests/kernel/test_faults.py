@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import mmap
 import select
 import threading
 from collections.abc import Callable
 
-from umemd import Fault, Server, node_path
+import pytest
 
-from .mapping import PAGE, Mapping, page_pattern
+from umemd import DeviceError, Fault, Server, node_path
+
+from .mapping import PAGE, Mapping, libc, page_pattern
 from .waiting import wait_until
 
 
@@ -134,3 +139,29 @@ def test_present_bitmap(make_instance: Callable[..., Server]) -> None:
     assert int.from_bytes(server.present_bitmap(start=64, pages=64), "little") == 1 << 1
     missing = list(server.missing_pages())
     assert len(missing) == 253 and 0 not in missing and 65 not in missing
+
+
+def half_mapped_page() -> int:
+    """An address whose first 2 KiB are readable and whose next 2 KiB are not."""
+    addr = libc.mmap(None, 2 * PAGE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    libc.munmap(addr + PAGE, PAGE)
+    return int(addr) + PAGE // 2
+
+
+def test_fault_around_never_maps_a_missing_page(make_instance: Callable[..., Server]) -> None:
+    server = make_instance(size=1 << 20, nonblock=True)
+    server.fill([(p * PAGE, page_pattern(p)) for p in range(32) if p not in (5, 6)])
+    # page 6: a fill that fails half way leaves bytes in the page cache
+    with pytest.raises(DeviceError) as info:
+        server.fill([(6 * PAGE, (ctypes.c_char * PAGE).from_address(half_mapped_page()))])
+    assert info.value.errno == errno.EFAULT
+    with Mapping(node_path(server.name), 1 << 20) as m:
+        assert m.read(4 * PAGE, PAGE) == page_pattern(4)  # maps present neighbours too
+        for missing in (5, 6):
+            reader = m.reader(missing * PAGE)
+            wait_until(lambda: waiters(server) == 1, what=f"a fault on page {missing}")
+            assert server.read_faults() == [Fault(missing * PAGE, write=False)]
+            server.fill([(missing * PAGE, page_pattern(missing))])
+            reader.join(10)
+            assert reader.data == page_pattern(missing)
+        assert m.read(0, 32 * PAGE) == b"".join(page_pattern(p) for p in range(32))
