@@ -75,7 +75,7 @@ static int umem_check_name(const char *name)
 	if (!len || len == UMEM_NAME_MAX)
 		return -EINVAL;
 	for (i = 0; i < len; i++)
-		if (!isalnum(name[i]) && !strchr("._-", name[i]))
+		if (!isascii(name[i]) || (!isalnum(name[i]) && !strchr("._-", name[i])))
 			return -EINVAL;
 	if (!strcmp(name, "control") || !strcmp(name, ".") || !strcmp(name, ".."))
 		return -EINVAL;
@@ -163,25 +163,16 @@ static int umem_fd_flags(u64 flags)
 	return (flags & UMEM_FD_CLOEXEC) ? O_CLOEXEC : 0;
 }
 
-/*
- * Hand @file to the caller as a new fd, written to *@ufd. On failure
- * the file is released.
- */
-static int umem_install_fd(struct file *file, u64 flags, __s32 __user *ufd)
+/* Reserve an fd for a new server and tell the caller its number. */
+static int umem_reserve_fd(u64 flags, __s32 __user *ufd)
 {
 	int fd = get_unused_fd_flags(umem_fd_flags(flags));
 
-	if (fd < 0) {
-		fput(file);
-		return fd;
-	}
-	if (put_user(fd, ufd)) {
+	if (fd >= 0 && put_user(fd, ufd)) {
 		put_unused_fd(fd);
-		fput(file);
 		return -EFAULT;
 	}
-	fd_install(fd, file);
-	return 0;
+	return fd;
 }
 
 static long umem_ioctl_create(struct umem_create __user *uarg)
@@ -189,7 +180,7 @@ static long umem_ioctl_create(struct umem_create __user *uarg)
 	struct umem_instance *inst;
 	struct umem_create req;
 	struct file *server;
-	int ret;
+	int fd, ret;
 
 	if (copy_from_user(&req, uarg, sizeof(req)))
 		return -EFAULT;
@@ -208,22 +199,31 @@ static long umem_ioctl_create(struct umem_create __user *uarg)
 		return PTR_ERR(inst);
 	server = umem_server_open(inst, req.flags);
 	if (IS_ERR(server)) {
-		umem_put(inst);
-		return PTR_ERR(server);
+		ret = PTR_ERR(server);
+		goto put_inst;
+	}
+	fd = umem_reserve_fd(req.flags, &uarg->fd);
+	if (fd < 0) {
+		ret = fd;
+		goto put_server;
 	}
 
 	ret = mutex_lock_killable(&umem_lock);
 	if (ret)
-		goto fail;
+		goto put_fd;
 	ret = umem_publish(inst);
 	mutex_unlock(&umem_lock);
 	if (ret)
-		goto fail;
-	/* The registry now owns the creation reference. */
-	return umem_install_fd(server, req.flags, &uarg->fd);
+		goto put_fd;
+	/* Nothing fails past publication: the registry owns our reference. */
+	fd_install(fd, server);
+	return 0;
 
-fail:
+put_fd:
+	put_unused_fd(fd);
+put_server:
 	fput(server);
+put_inst:
 	umem_put(inst);
 	return ret;
 }
@@ -233,7 +233,7 @@ static long umem_ioctl_attach(struct umem_attach __user *uarg)
 	struct umem_instance *inst;
 	struct umem_attach req;
 	struct file *server;
-	int ret;
+	int fd, ret;
 
 	if (copy_from_user(&req, uarg, sizeof(req)))
 		return -EFAULT;
@@ -243,15 +243,25 @@ static long umem_ioctl_attach(struct umem_attach __user *uarg)
 	if (req.pad || req.flags & ~UMEM_FD_FLAGS)
 		return -EINVAL;
 
+	fd = umem_reserve_fd(req.flags, &uarg->fd);
+	if (fd < 0)
+		return fd;
 	ret = mutex_lock_killable(&umem_lock);
 	if (ret)
-		return ret;
+		goto put_fd;
 	inst = umem_find_name((const char *)req.name);
 	server = inst ? umem_server_open(inst, req.flags) : ERR_PTR(-ENOENT);
 	mutex_unlock(&umem_lock);
-	if (IS_ERR(server))
-		return PTR_ERR(server);
-	return umem_install_fd(server, req.flags, &uarg->fd);
+	if (IS_ERR(server)) {
+		ret = PTR_ERR(server);
+		goto put_fd;
+	}
+	fd_install(fd, server);
+	return 0;
+
+put_fd:
+	put_unused_fd(fd);
+	return ret;
 }
 
 static long umem_ioctl_destroy(struct umem_destroy __user *uarg)

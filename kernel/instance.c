@@ -351,7 +351,7 @@ static int umem_node_mmap(struct file *file, struct vm_area_struct *vma)
 	unsigned long pages = vma_pages(vma);
 	int ret;
 
-	if (!(vma->vm_flags & VM_SHARED))
+	if (!(vma->vm_flags & VM_MAYSHARE))	/* MAP_PRIVATE */
 		return -EINVAL;
 	if (vma->vm_pgoff >= inst->npages || pages > inst->npages - vma->vm_pgoff)
 		return -ENXIO;

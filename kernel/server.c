@@ -26,21 +26,34 @@ static bool umem_server_readable(struct umem_instance *inst)
 	return !list_empty_careful(&inst->queue) || READ_ONCE(inst->dead);
 }
 
-/* Take up to @max records off the queue, dropping pages already present. */
-static unsigned int umem_dequeue(struct umem_instance *inst,
+static void umem_free_requests(struct list_head *list)
+{
+	struct umem_request *req, *tmp;
+
+	list_for_each_entry_safe(req, tmp, list, node)
+		kfree(req);
+}
+
+/*
+ * Move up to @max records off the queue onto @taken, dropping those whose
+ * page is present already, and describe them in @out.
+ */
+static unsigned int umem_dequeue(struct umem_instance *inst, struct list_head *taken,
 				 struct umem_fault *out, unsigned int max)
 {
 	struct umem_request *req, *tmp;
 	unsigned int n = 0;
-	LIST_HEAD(taken);
+	LIST_HEAD(stale);
 
 	spin_lock(&inst->queue_lock);
 	list_for_each_entry_safe(req, tmp, &inst->queue, node) {
 		if (n == max)
 			break;
-		list_move_tail(&req->node, &taken);
-		if (umem_page_present(inst, req->pgoff))
+		if (umem_page_present(inst, req->pgoff)) {
+			list_move(&req->node, &stale);
 			continue;
+		}
+		list_move_tail(&req->node, taken);
 		memset(&out[n], 0, sizeof(out[n]));
 		out[n].event = UMEM_EVENT_FAULT;
 		out[n].flags = req->flags;
@@ -49,29 +62,14 @@ static unsigned int umem_dequeue(struct umem_instance *inst,
 	}
 	spin_unlock(&inst->queue_lock);
 
-	list_for_each_entry_safe(req, tmp, &taken, node)
-		kfree(req);
+	umem_free_requests(&stale);
 	return n;
 }
 
-/* Put records back at the head of the queue after a failed copy-out. */
-static int umem_requeue(struct umem_instance *inst, const struct umem_fault *msgs,
-			unsigned int n)
-{
-	while (n--) {
-		struct umem_request *req = kmalloc(sizeof(*req), GFP_KERNEL);
-
-		if (!req)
-			return -ENOMEM;
-		req->pgoff = msgs[n].offset >> PAGE_SHIFT;
-		req->flags = msgs[n].flags;
-		spin_lock(&inst->queue_lock);
-		list_add(&req->node, &inst->queue);
-		spin_unlock(&inst->queue_lock);
-	}
-	return 0;
-}
-
+/*
+ * Fault records, oldest first. Blocks until there is one unless the fd is
+ * non-blocking; 0 (end of file) once the instance is destroyed.
+ */
 static ssize_t umem_server_read(struct file *file, char __user *buf,
 				size_t count, loff_t *ppos)
 {
@@ -79,13 +77,16 @@ static ssize_t umem_server_read(struct file *file, char __user *buf,
 	struct umem_fault msgs[UMEM_READ_BATCH];
 	size_t max = count / sizeof(msgs[0]);
 	unsigned int n;
+	LIST_HEAD(taken);
 	ssize_t ret;
 
 	if (!max)
 		return -EINVAL;
 	for (;;) {
-		n = umem_dequeue(inst, msgs, min_t(size_t, max, UMEM_READ_BATCH));
-		if (n || READ_ONCE(inst->dead))
+		if (READ_ONCE(inst->dead))
+			return 0;
+		n = umem_dequeue(inst, &taken, msgs, min_t(size_t, max, UMEM_READ_BATCH));
+		if (n)
 			break;
 		if (file->f_flags & O_NONBLOCK)
 			return -EAGAIN;
@@ -97,9 +98,13 @@ static ssize_t umem_server_read(struct file *file, char __user *buf,
 
 	ret = n * sizeof(msgs[0]);
 	if (copy_to_user(buf, msgs, ret)) {
-		umem_requeue(inst, msgs, n);
-		ret = -EFAULT;
+		/* Not delivered: back to the head of the queue, in order. */
+		spin_lock(&inst->queue_lock);
+		list_splice(&taken, &inst->queue);
+		spin_unlock(&inst->queue_lock);
+		return -EFAULT;
 	}
+	umem_free_requests(&taken);
 	return ret;
 }
 

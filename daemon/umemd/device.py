@@ -22,6 +22,7 @@ from umemd.errors import (
     InstanceNotFoundError,
     ModuleNotLoadedError,
     ServerBusyError,
+    UmemError,
 )
 
 DEV_DIR = Path("/dev/umem")
@@ -198,6 +199,7 @@ class Server:
         self._fd = fd
         self.name = name
         self.size = size
+        self.destroyed = False  # set when read() reports end of file
 
     @property
     def pages(self) -> int:
@@ -221,17 +223,20 @@ class Server:
         """Read pending fault records; blocks unless the fd is non-blocking.
 
         Returns [] on a non-blocking fd with nothing pending, or once the
-        instance is destroyed (end of file).
+        instance is destroyed (end of file; :attr:`destroyed` is then set).
         """
         try:
             data = os.read(self._fd, max_records * FAULT_SIZE)
         except BlockingIOError:
             return []
+        if not data:
+            self.destroyed = True
         records = ffi.from_buffer("struct umem_fault[]", data)
-        return [
-            Fault(int(r.offset), bool(r.flags & lib.UMEM_FAULT_FLAG_WRITE))
-            for r in records
-        ]
+        for r in records:
+            if r.event != lib.UMEM_EVENT_FAULT:
+                raise UmemError(f"unknown event {int(r.event):#x} from umem instance {self.name!r}: "
+                                "this umemd is older than the loaded module")
+        return [Fault(int(r.offset), bool(r.flags & lib.UMEM_FAULT_FLAG_WRITE)) for r in records]
 
     def fill(self, ranges: Iterable[tuple[int, Any]]) -> FillResult:
         """Copy each ``(offset, buffer)`` into the instance in one call.

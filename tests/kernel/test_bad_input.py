@@ -86,8 +86,10 @@ def test_handshake_answers_features_and_ioctls_once(raw_control: int) -> None:
         (b"bad-input", {"pad": 1}, errno.EINVAL),
         (b"x" * 64, {}, errno.EINVAL),
         (b"", {}, errno.EINVAL),
+        (b"caf\xe9", {}, errno.EINVAL),
     ],
-    ids=["zero-size", "unaligned-size", "huge-size", "unknown-flag", "nonzero-pad", "unterminated-name", "empty-name"],
+    ids=["zero-size", "unaligned-size", "huge-size", "unknown-flag", "nonzero-pad", "unterminated-name", "empty-name",
+         "latin-1-name"],
 )
 def test_bad_create(control: Control, name: bytes, fields: dict[str, int], expected: int) -> None:
     assert ioctl_errno(control.fileno(), lib.UMEM_CREATE, create_req(name, **fields)) == expected

@@ -3,6 +3,10 @@ with pages missing, and the module pinned by its instances."""
 
 from __future__ import annotations
 
+import errno
+import mmap
+import os
+import select
 import signal
 import subprocess
 import sys
@@ -11,7 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from umemd import Control, Fault, Server, node_path
+import pytest
+
+from umemd import Control, DeviceError, Fault, Server, node_path
 
 from .conftest import load_module
 from .mapping import PAGE, Mapping, page_pattern
@@ -136,3 +142,36 @@ def test_module_is_pinned_by_an_instance_without_any_fd() -> None:
     assert rmmod().returncode == 0
     load_module()
 
+
+
+def test_after_destroy_the_server_sees_end_of_file_and_fills_fail(
+    control: Control, make_instance: Callable[..., Server]
+) -> None:
+    server = make_instance(size=1 << 20)
+    node = os.open(node_path(server.name), os.O_RDWR)
+    try:
+        control.destroy(server.name)
+        poller = select.poll()
+        poller.register(server.fileno(), select.POLLIN)
+        assert poller.poll(0) == [(server.fileno(), select.POLLHUP)]
+        assert server.read_faults() == [] and server.destroyed
+        for call in (lambda: server.fill([(0, page_pattern(0))]), lambda: server.zero(0, PAGE)):
+            with pytest.raises(DeviceError) as info:
+                call()
+            assert info.value.errno == errno.ENODEV
+        with pytest.raises(OSError) as mapped:
+            mmap.mmap(node, PAGE, mmap.MAP_SHARED)
+        assert mapped.value.errno == errno.ENODEV
+    finally:
+        os.close(node)
+
+
+def test_a_read_only_shared_mapping_reads_filled_pages(make_instance: Callable[..., Server]) -> None:
+    server = make_instance(size=1 << 20)
+    server.fill([(0, page_pattern(0))])
+    fd = os.open(node_path(server.name), os.O_RDONLY)
+    try:
+        with mmap.mmap(fd, 1 << 20, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            assert m[:PAGE] == page_pattern(0)
+    finally:
+        os.close(fd)

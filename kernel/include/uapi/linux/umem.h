@@ -118,7 +118,7 @@ struct umem_fill {
 	__u32 count;		/* 1..UMEM_FILL_MAX_RANGES */
 	__u32 flags;		/* zero */
 	__u64 copied;		/* out: pages copied in */
-	__u64 skipped;		/* out: pages already present, left alone */
+	__u64 skipped;		/* out: pages present (or being filled by another call), left alone */
 };
 
 struct umem_zero {
@@ -126,7 +126,7 @@ struct umem_zero {
 	__u64 len;		/* page aligned, nonzero */
 	__u64 flags;		/* zero */
 	__u64 zeroed;		/* out: pages made present as zeros */
-	__u64 skipped;		/* out: pages already present, left alone */
+	__u64 skipped;		/* out: pages present (or being filled by another call), left alone */
 };
 
 struct umem_stats {
