@@ -14,11 +14,11 @@
  */
 #include <linux/fs.h>
 #include <linux/fs_context.h>
-#include <linux/ktime.h>
 #include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/mount.h>
 #include <linux/poll.h>
+#include <linux/sched/clock.h>
 #include <linux/sched/signal.h>
 #include <linux/shmem_fs.h>
 #include <linux/slab.h>
@@ -80,8 +80,12 @@ struct umem_instance *umem_instance_new(const char *name, u64 size)
 		goto nomem;
 
 	snprintf(shmem_name, sizeof(shmem_name), "umem:%s", name);
-	inst->shmem = shmem_file_setup_with_mnt(umem_mnt, shmem_name, size,
-						VM_NORESERVE);
+	/*
+	 * Commit the whole size now (no VM_NORESERVE): a destination that
+	 * cannot hold the guest fails at CREATE, not half way through a
+	 * migration, and fills skip per-page accounting.
+	 */
+	inst->shmem = shmem_file_setup_with_mnt(umem_mnt, shmem_name, size, 0);
 	if (IS_ERR(inst->shmem)) {
 		long err = PTR_ERR(inst->shmem);
 
@@ -165,6 +169,16 @@ void umem_reset_requests(struct umem_instance *inst)
 	wake_up_all(&inst->fault_wq);
 }
 
+/* Forget that @pgoff was asked for: its waiters wake and ask again. */
+void umem_forget_request(struct umem_instance *inst, pgoff_t pgoff)
+{
+	spin_lock(&inst->queue_lock);
+	__clear_bit(pgoff, inst->requested);
+	WRITE_ONCE(inst->generation, inst->generation + 1);
+	spin_unlock(&inst->queue_lock);
+	wake_up_all(&inst->fault_wq);
+}
+
 /* Queue one fault record for @pgoff unless the current server has one. */
 static int umem_request_page(struct umem_instance *inst, pgoff_t pgoff,
 			     u32 flags)
@@ -208,7 +222,7 @@ static bool umem_wait_over(struct umem_instance *inst, pgoff_t pgoff,
 static int umem_wait_page(struct umem_instance *inst, pgoff_t pgoff,
 			  unsigned int generation, bool interruptible)
 {
-	ktime_t start = ktime_get();
+	u64 start = local_clock();	/* cheap: no clocksource read */
 	int ret;
 
 	atomic64_inc(&inst->stat_faults);
@@ -220,8 +234,8 @@ static int umem_wait_page(struct umem_instance *inst, pgoff_t pgoff,
 		ret = wait_event_killable(inst->fault_wq,
 				umem_wait_over(inst, pgoff, generation));
 	atomic64_dec(&inst->stat_waiters);
-	atomic64_add(ktime_to_ns(ktime_sub(ktime_get(), start)),
-		     &inst->stat_wait_ns);
+	/* local_clock() may step back across CPUs: never add a wrapped value */
+	atomic64_add(max_t(s64, local_clock() - start, 0), &inst->stat_wait_ns);
 	return ret;
 }
 
@@ -284,10 +298,12 @@ static vm_fault_t umem_fault(struct vm_fault *vmf)
 }
 
 /*
- * Fault-around over present pages only: each run of present pages in
- * [start, end] goes to shmem's map_pages; missing pages are left for
- * ->fault. A retried fault usually ends here, mapping the page it waited
- * for and its present neighbours at once.
+ * Fault-around over present pages only, forward from the faulting page:
+ * each run of present pages in [vmf->pgoff, end] goes to shmem's
+ * map_pages; missing pages are left for ->fault. A retried fault usually
+ * ends here, mapping the page it waited for and the present pages after
+ * it at once. (Pages before it are most often mapped already: scanning
+ * them again costs more than it maps.)
  */
 static vm_fault_t umem_map_pages(struct vm_fault *vmf, pgoff_t start,
 				 pgoff_t end)
@@ -296,6 +312,7 @@ static vm_fault_t umem_map_pages(struct vm_fault *vmf, pgoff_t start,
 	vm_fault_t ret = 0;
 	pgoff_t run_end;
 
+	start = max(start, vmf->pgoff);
 	if (end >= inst->npages)
 		end = inst->npages - 1;
 	while (start <= end) {

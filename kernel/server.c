@@ -176,22 +176,26 @@ static int umem_copy_page(struct umem_instance *inst, pgoff_t pgoff,
 }
 #endif
 
-/* Zeros: a hole reads as zeros; clear a page left by a failed fill. */
-static void umem_zero_page(struct umem_instance *inst, pgoff_t pgoff)
+/*
+ * A fill failed half way: punch the page out again, so that a page that is
+ * not present is always a hole (zeros cost nothing, and nothing stale can
+ * reach a mapping), and have its waiters ask again, since the server that
+ * read their record believes it was served.
+ */
+static void umem_fill_failed(struct umem_instance *inst, pgoff_t pgoff)
 {
-	struct page *page = find_get_page(inst->shmem->f_mapping, pgoff);
+	loff_t pos = (loff_t)pgoff << PAGE_SHIFT;
 
-	if (page) {
-		clear_highpage(page);
-		set_page_dirty(page);
-		put_page(page);
-	}
+	shmem_truncate_range(file_inode(inst->shmem), pos, pos + PAGE_SIZE - 1);
+	umem_forget_request(inst, pgoff);
 }
 
 /*
- * Make one page present from @src (NULL: zeros). Returns 1 when it did, 0
- * when the page was present already (or another filler holds it), or
- * -errno. @src must not point into this instance's own mappings.
+ * Make one page present from @src (NULL: zeros; a page that is not present
+ * is a hole, so that is only a bit). Returns 1 when it did, 0 when the
+ * page was present already or another call is filling it (and will make
+ * it present, or have it asked for again), or -errno. @src must not point
+ * into this instance's own mappings.
  */
 static int umem_fill_page(struct umem_instance *inst, pgoff_t pgoff,
 			  const void __user *src)
@@ -207,9 +211,9 @@ static int umem_fill_page(struct umem_instance *inst, pgoff_t pgoff,
 
 	if (src)
 		ret = umem_copy_page(inst, pgoff, src);
-	else
-		umem_zero_page(inst, pgoff);
-	if (!ret) {
+	if (ret) {
+		umem_fill_failed(inst, pgoff);
+	} else {
 		smp_mb__before_atomic();	/* contents before the bit */
 		set_bit(pgoff, inst->present);
 		atomic64_inc(&inst->npresent);

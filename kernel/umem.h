@@ -30,13 +30,15 @@
  *
  * Page state lives in three bitmaps, one bit per page:
  *   present   set once, after the page's contents are complete, never
- *             cleared; a page reaches a mapping only through the fault
- *             handler and only while its bit is set.
+ *             cleared; a page reaches a mapping (through the fault handler
+ *             or its present-only fault-around) only while its bit is
+ *             set. A page that is not present is a hole in the shmem file.
  *   filling   a bit lock held while one filler writes the page, so two
  *             fills of one page never race.
  *   requested set, under queue_lock, when a fault record for the page is
  *             queued for the current server; cleared, with the queue, when
- *             that server goes away, so waiters request again.
+ *             that server goes away, or when a fill of the page fails, so
+ *             waiters request again.
  *
  * Lifetime: the registry (until UMEM_DESTROY), each open instance node,
  * the server file and each vma hold a reference (kref). The last one frees
@@ -96,6 +98,7 @@ void umem_put(struct umem_instance *inst);
 bool umem_page_present(struct umem_instance *inst, pgoff_t pgoff);
 void umem_mark_dead(struct umem_instance *inst);
 void umem_reset_requests(struct umem_instance *inst);
+void umem_forget_request(struct umem_instance *inst, pgoff_t pgoff);
 extern const struct file_operations umem_node_fops;
 
 /* control.c */

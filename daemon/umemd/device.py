@@ -81,7 +81,8 @@ class Fault:
 
 
 class FillResult(NamedTuple):
-    """Pages made present and pages left alone because they were present."""
+    """Pages made present, and pages left alone because they were present
+    or another call was filling them."""
 
     done: int
     skipped: int
@@ -162,7 +163,11 @@ class Control:
         ffi.memmove(req.name, _encode_name(name), len(name.encode()))
         _ioctl(self._fd, lib.UMEM_ATTACH, req, f"cannot attach to umem instance {name!r}")
         server = Server(int(req.fd), name, 0)
-        server.size = server.stats().size
+        try:
+            server.size = server.stats().size
+        except BaseException:
+            server.close()
+            raise
         return server
 
     def destroy(self, name: str) -> None:
@@ -219,7 +224,7 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def read_faults(self, max_records: int = 64) -> list[Fault]:
+    def read_faults(self, max_records: int = 16) -> list[Fault]:
         """Read pending fault records; blocks unless the fd is non-blocking.
 
         Returns [] on a non-blocking fd with nothing pending, or once the

@@ -165,3 +165,19 @@ def test_fault_around_never_maps_a_missing_page(make_instance: Callable[..., Ser
             reader.join(10)
             assert reader.data == page_pattern(missing)
         assert m.read(0, 32 * PAGE) == b"".join(page_pattern(p) for p in range(32))
+
+
+def test_a_failed_fill_has_the_page_asked_for_again(make_instance: Callable[..., Server]) -> None:
+    server = make_instance(size=1 << 20, nonblock=True)
+    with Mapping(node_path(server.name), 1 << 20) as m:
+        reader = m.reader(3 * PAGE)
+        wait_until(lambda: waiters(server) == 1, what="the reader to wait")
+        assert server.read_faults() == [Fault(3 * PAGE, write=False)]
+        with pytest.raises(DeviceError):
+            server.fill([(3 * PAGE, (ctypes.c_char * PAGE).from_address(half_mapped_page()))])
+        wait_until(lambda: server.stats().requested == 2, what="the waiter to ask again")
+        assert server.read_faults() == [Fault(3 * PAGE, write=False)]
+        assert reader.is_alive()
+        server.fill([(3 * PAGE, page_pattern(3))])
+        reader.join(10)
+        assert reader.data == page_pattern(3)

@@ -29,7 +29,7 @@
 
 #define UMEM_API_VERSION 1
 
-/* Instance names: [A-Za-z0-9._-]{1,63}, NUL terminated; "control" is reserved. */
+/* Instance names: [A-Za-z0-9._-]{1,63}, NUL terminated; not "control", "." or "..". */
 #define UMEM_NAME_MAX 64
 
 /* Largest instance: 1 TiB. */
@@ -139,7 +139,7 @@ struct umem_stats {
 	__u64 wait_ns;		/* total time tasks spent waiting */
 	__u64 filled;		/* pages copied in by UMEM_FILL */
 	__u64 zeroed;		/* pages made present by UMEM_ZERO */
-	__u64 skipped;		/* fill/zero pages skipped as already present */
+	__u64 skipped;		/* fill/zero pages skipped: present or being filled */
 };
 
 struct umem_bitmap {
