@@ -27,7 +27,7 @@ VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev kernel/60-
 -include qemu-patches/qemu.mk
 
 .PHONY: help setup apt venv abi kmod check lint unit kmod-strict dkms-check test test-kernel \
-	bench-kernel demo clean
+	bench-kernel bench-kernel-profile demo clean
 
 help:
 	@echo "make demo         a real post-copy migration of a small guest, with a report"
@@ -112,6 +112,11 @@ $(BUILD)/fault_bench: bench/fault_bench.c kernel/include/uapi/linux/umem.h | apt
 bench-kernel: abi kmod $(BUILD)/fault_bench
 	$(VM) $(VM_KERNEL_ARGS) -- sh -c "insmod $(CURDIR)/kernel/umem.ko && \
 		$(PY) bench/kernel_bench.py --out $(CURDIR)/$(BUILD)/bench-kernel.json"
+
+# One VM boot: perf profiles behind the bench-kernel table (build/profile-*.txt).
+bench-kernel-profile: kmod $(BUILD)/fault_bench
+	$(VM) --console-log $(BUILD)/vm-profile-console.log -- sh bench/profile_kernel.sh
+	@head -n 12 $(BUILD)/profile-*.txt
 
 
 test: check test-kernel $(if $(QEMU_TESTS),test-qemu)
