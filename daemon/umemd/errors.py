@@ -9,6 +9,10 @@ Every error umemd raises derives from :class:`UmemError`. The tree::
      |    +-- InstanceNotFoundError  ATTACH/DESTROY of an unknown name
      |    +-- ServerBusyError        ATTACH while another server fd is open
      +-- ApiMismatchError        the module speaks another ABI version
+     +-- ProtocolError           the wire protocol was broken
+     |    +-- LocalProtocolError     by us (a bug in umemd)
+     |    +-- RemoteProtocolError    by the peer: that connection is closed
+     +-- ConnectError            a connection could not be made (OSError kept as cause)
 
 Messages name the thing that failed and, where there is one, the fix.
 """
@@ -53,3 +57,19 @@ class ServerBusyError(DeviceError):
 
 class ApiMismatchError(UmemError):
     """The loaded module does not speak the API this package was built for."""
+
+
+class ProtocolError(UmemError):
+    """The wire protocol was broken."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol does not allow here: a bug."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something malformed or out of place."""
+
+
+class ConnectError(UmemError):
+    """A connection to the peer failed; ``__cause__`` is the OSError."""

@@ -1,0 +1,469 @@
+"""The umem wire protocol, sans-I/O: bytes in, events out; events in, bytes out.
+
+Theory of operation (docs/protocol.md has the byte layouts):
+
+A :class:`Connection` is one side of one TCP connection: a role (source or
+destination) and a channel (demand or push). The caller moves bytes; the
+codec parses and checks frames, runs the handshake, and says what happened
+as events::
+
+    conn = Connection(Role.DESTINATION, Channel.DEMAND, key)
+    sock.sendall(conn.data_to_send())          # our HELLO
+    while True:
+        n = sock.recv_into(conn.receive_buffer())
+        conn.received(n)                       # 0 means end of file
+        while (event := conn.next_event()) is not None:
+            ...                                # Authenticated, Info, Pages, ...
+        sock.sendall(conn.data_to_send())      # our AUTH, once the peer said HELLO
+
+Every transition is in :data:`TRANSITIONS`: (state, frame type) -> next
+state, with the frames a side may receive in READY further limited by its
+role and channel (:data:`ACCEPTS`). A frame the peer may not send raises
+:class:`RemoteProtocolError` and leaves the connection in ERROR; sending
+what we may not send raises :class:`LocalProtocolError` (our bug).
+
+The receive buffer holds at most one largest frame; a PAGES payload is
+handed out as a memoryview into it, valid until the next ``received``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+import struct
+from dataclasses import dataclass
+from typing import NoReturn
+
+from umemd.errors import LocalProtocolError, RemoteProtocolError
+
+MAGIC = b"UMEMWIRE"
+VERSION = 1
+PAGE_SIZE = 4096
+NONCE_SIZE = 16
+TAG_SIZE = 32
+MAX_REQUEST_PAGES = 256
+MAX_RUN_PAGES = 1024
+MAX_HAVE_PAGES = 512 * 1024
+MAX_REASON = 256
+AUTH_LABEL = b"umem-auth-v1"
+
+HEADER = struct.Struct("!BBHI")
+HELLO = struct.Struct("!8sHBBI16s")
+INFO = struct.Struct("!QII")
+COUNT = struct.Struct("!II")
+RUN = struct.Struct("!QII")
+ZERO = struct.Struct("!QQ")
+HAVE = struct.Struct("!QII")
+DONE = struct.Struct("!QQ")
+ERROR = struct.Struct("!HH")
+
+
+class Role(enum.IntEnum):
+    SOURCE = 1
+    DESTINATION = 2
+
+
+class Channel(enum.IntEnum):
+    DEMAND = 1
+    PUSH = 2
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    AUTH = 2
+    INFO = 3
+    REQUEST = 4
+    PAGES = 5
+    ZERO = 6
+    HAVE = 7
+    DONE = 8
+    ERROR = 9
+
+
+class ErrorCode(enum.IntEnum):
+    PROTOCOL = 1
+    VERSION = 2
+    AUTH = 3
+    SIZE_MISMATCH = 4
+    INTERNAL = 5
+    SHUTDOWN = 6
+
+
+class State(enum.Enum):
+    HELLO = "waiting for the peer's HELLO"
+    AUTH = "waiting for the peer's AUTH"
+    READY = "ready"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+# Largest payload of each frame type, checked before the payload is buffered.
+MAX_PAYLOAD = {
+    FrameType.HELLO: HELLO.size,
+    FrameType.AUTH: TAG_SIZE,
+    FrameType.INFO: INFO.size,
+    FrameType.REQUEST: COUNT.size + 8 * MAX_REQUEST_PAGES,
+    FrameType.PAGES: RUN.size + PAGE_SIZE * MAX_RUN_PAGES,
+    FrameType.ZERO: ZERO.size,
+    FrameType.HAVE: HAVE.size + MAX_HAVE_PAGES // 8,
+    FrameType.DONE: DONE.size,
+    FrameType.ERROR: ERROR.size + MAX_REASON,
+}
+MAX_FRAME = HEADER.size + max(MAX_PAYLOAD.values())
+
+# (state, frame received) -> next state. ERROR from the peer closes in any state.
+TRANSITIONS: dict[tuple[State, FrameType], State] = {
+    (State.HELLO, FrameType.HELLO): State.AUTH,
+    (State.AUTH, FrameType.AUTH): State.READY,
+    **{(s, FrameType.ERROR): State.CLOSED for s in (State.HELLO, State.AUTH, State.READY)},
+    **{(State.READY, t): State.READY for t in (FrameType.INFO, FrameType.REQUEST, FrameType.PAGES,
+                                                FrameType.ZERO, FrameType.HAVE, FrameType.DONE)},
+}
+
+# What each side may receive in READY, by (our role, channel).
+ACCEPTS: dict[tuple[Role, Channel], frozenset[FrameType]] = {
+    (Role.SOURCE, Channel.DEMAND): frozenset({FrameType.REQUEST, FrameType.ERROR}),
+    (Role.SOURCE, Channel.PUSH): frozenset({FrameType.HAVE, FrameType.ERROR}),
+    (Role.DESTINATION, Channel.DEMAND): frozenset({FrameType.INFO, FrameType.PAGES, FrameType.ZERO, FrameType.ERROR}),
+    (Role.DESTINATION, Channel.PUSH): frozenset(
+        {FrameType.INFO, FrameType.PAGES, FrameType.ZERO, FrameType.DONE, FrameType.ERROR}
+    ),
+}
+
+
+# ---- events ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """Both HELLOs exchanged and the peer's AUTH verified."""
+
+    peer_role: Role
+    channel: Channel
+
+
+@dataclass(frozen=True)
+class Info:
+    ram_size: int
+    page_size: int = PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class Request:
+    offsets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Pages:
+    """A run of pages; ``data`` is a view into the receive buffer."""
+
+    offset: int
+    data: memoryview
+
+    @property
+    def count(self) -> int:
+        return len(self.data) // PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class Zero:
+    offset: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Have:
+    first: int
+    count: int
+    bitmap: bytes
+
+    def present(self) -> list[int]:
+        """Page indices whose bit is set."""
+        bits = int.from_bytes(self.bitmap, "little")
+        return [self.first + i for i in range(self.count) if bits >> i & 1]
+
+
+@dataclass(frozen=True)
+class Done:
+    pages: int
+    zeros: int
+
+
+@dataclass(frozen=True)
+class PeerError:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The peer closed the connection (end of file)."""
+
+
+Event = Authenticated | Info | Request | Pages | Zero | Have | Done | PeerError | Closed
+
+
+def auth_tag(key: bytes, sender: Role, channel: Channel, sender_nonce: bytes, receiver_nonce: bytes) -> bytes:
+    message = AUTH_LABEL + bytes([sender, channel]) + sender_nonce + receiver_nonce
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def frame(kind: FrameType, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, 0, 0, len(payload)) + payload
+
+
+class Connection:
+    """One side of one connection. See the module docstring."""
+
+    def __init__(self, role: Role, channel: Channel, key: bytes, *, ram_size: int | None = None,
+                 nonce: bytes | None = None) -> None:
+        if len(key) < 32:
+            raise LocalProtocolError("the key must be at least 32 bytes (umemd keygen FILE makes one)")
+        self.role = role
+        self.channel = channel
+        self.peer_role = Role.DESTINATION if role is Role.SOURCE else Role.SOURCE
+        self.state = State.HELLO
+        self.ram_size = ram_size  # checked against offsets once known (INFO)
+        self._key = key
+        self._nonce = nonce or os.urandom(NONCE_SIZE)
+        self._peer_nonce = b""
+        self._buffer = bytearray(MAX_FRAME)
+        self._start = 0  # first unparsed byte
+        self._end = 0  # end of received bytes
+        self._eof = False
+        self._outgoing = bytearray(frame(FrameType.HELLO, HELLO.pack(MAGIC, VERSION, role, channel, 0, self._nonce)))
+
+    # ---- receiving ----------------------------------------------------------
+
+    def receive_buffer(self) -> memoryview:
+        """Where to ``recv_into`` the next bytes (then call :meth:`received`).
+
+        Drain :meth:`next_event` first: the buffer holds one largest frame,
+        and views handed out in earlier events become invalid here.
+        """
+        if self._start:
+            pending = self._end - self._start
+            self._buffer[:pending] = self._buffer[self._start:self._end]
+            self._start, self._end = 0, pending
+        return memoryview(self._buffer)[self._end:]
+
+    def received(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of :meth:`receive_buffer`; 0 is end of file."""
+        if nbytes == 0:
+            self._eof = True
+        self._end += nbytes
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed ``data`` (b"" for end of file), for callers that do not ``recv_into``."""
+        if not data:
+            self.received(0)
+        while data:
+            target = self.receive_buffer()
+            if not target:
+                raise RemoteProtocolError("receive buffer full: the caller must drain events first")
+            n = min(len(target), len(data))
+            target[:n] = data[:n]
+            self.received(n)
+            data = data[n:]
+
+    def next_event(self) -> Event | None:
+        """The next event, or None when more data is needed."""
+        if self.state in (State.CLOSED, State.ERROR):
+            return None
+        available = self._end - self._start
+        if available < HEADER.size:
+            return self._eof_event(available)
+        kind_raw, flags, reserved, length = HEADER.unpack_from(self._buffer, self._start)
+        kind = self._check_header(kind_raw, flags, reserved, length)
+        if available < HEADER.size + length:
+            return self._eof_event(available)
+        payload = memoryview(self._buffer)[self._start + HEADER.size:self._start + HEADER.size + length]
+        self._start += HEADER.size + length
+        self.state = self._transition(kind)
+        return self._handle(kind, payload)  # a bad payload moves to ERROR
+
+    def _eof_event(self, available: int) -> Event | None:
+        if not self._eof:
+            return None
+        if available:
+            self._fail("the connection closed in the middle of a frame")
+        self.state = State.CLOSED
+        return Closed()
+
+    def _check_header(self, kind_raw: int, flags: int, reserved: int, length: int) -> FrameType:
+        try:
+            kind = FrameType(kind_raw)
+        except ValueError:
+            self._fail(f"unknown frame type {kind_raw}")
+        if flags or reserved:
+            self._fail(f"{kind.name} frame with nonzero flags or reserved bits")
+        if length > MAX_PAYLOAD[kind]:
+            self._fail(f"{kind.name} frame of {length} bytes exceeds its limit of {MAX_PAYLOAD[kind]}")
+        return kind
+
+    def _transition(self, kind: FrameType) -> State:
+        next_state = TRANSITIONS.get((self.state, kind))
+        if next_state is None or (self.state is State.READY and kind not in ACCEPTS[self.role, self.channel]):
+            self._fail(f"{kind.name} is not allowed from a {self.peer_role.name.lower()} "
+                       f"on the {self.channel.name.lower()} channel while {self.state.value}")
+        return next_state
+
+    def _fail(self, reason: str) -> NoReturn:
+        self.state = State.ERROR
+        raise RemoteProtocolError(reason)
+
+    # ---- frame handlers -------------------------------------------------------
+
+    def _handle(self, kind: FrameType, payload: memoryview) -> Event | None:
+        if kind is FrameType.HELLO:
+            self._on_hello(payload)
+            return self.next_event()
+        if kind is FrameType.AUTH:
+            return self._on_auth(payload)
+        if kind is FrameType.ERROR:
+            return self._on_error(payload)
+        if kind is FrameType.INFO:
+            return self._on_info(payload)
+        if kind is FrameType.REQUEST:
+            return self._on_request(payload)
+        if kind is FrameType.PAGES:
+            return self._on_pages(payload)
+        if kind is FrameType.ZERO:
+            offset, count = self._unpack(ZERO, payload, kind)
+            self._check_run(offset, count, kind)
+            return Zero(offset, count)
+        if kind is FrameType.HAVE:
+            return self._on_have(payload)
+        pages, zeros = self._unpack(DONE, payload, kind)
+        return Done(pages, zeros)
+
+    def _unpack(self, layout: struct.Struct, payload: memoryview, kind: FrameType) -> tuple[int, ...]:
+        if len(payload) != layout.size:
+            self._fail(f"{kind.name} payload of {len(payload)} bytes, expected {layout.size}")
+        values: tuple[int, ...] = layout.unpack(payload)
+        return values
+
+    def _on_hello(self, payload: memoryview) -> None:
+        if len(payload) != HELLO.size:
+            self._fail(f"HELLO payload of {len(payload)} bytes, expected {HELLO.size}")
+        magic, version, role, channel, flags, nonce = HELLO.unpack(payload)
+        if magic != MAGIC:
+            self._fail("not a umem peer (bad magic)")
+        if version != VERSION:
+            self._fail(f"peer speaks protocol version {version}, this umemd speaks {VERSION}")
+        if role != self.peer_role or channel != self.channel or flags:
+            self._fail(f"peer is role {role} on channel {channel}, expected a "
+                       f"{self.peer_role.name.lower()} on the {self.channel.name.lower()} channel")
+        self._peer_nonce = nonce
+        self._outgoing += frame(FrameType.AUTH, auth_tag(self._key, self.role, self.channel, self._nonce, nonce))
+
+    def _on_auth(self, payload: memoryview) -> Event:
+        expected = auth_tag(self._key, self.peer_role, self.channel, self._peer_nonce, self._nonce)
+        if not hmac.compare_digest(bytes(payload), expected):
+            self._outgoing += self.error_frame(ErrorCode.AUTH, "authentication failed")
+            self._fail("authentication failed: the peer does not hold our key")
+        return Authenticated(self.peer_role, self.channel)
+
+    def _on_error(self, payload: memoryview) -> Event:
+        if len(payload) < ERROR.size:
+            self._fail("ERROR frame too short")
+        code, _ = ERROR.unpack_from(payload)
+        return PeerError(code, bytes(payload[ERROR.size:]).decode(errors="replace"))
+
+    def _on_info(self, payload: memoryview) -> Event:
+        ram_size, page_size, reserved = self._unpack(INFO, payload, FrameType.INFO)
+        if reserved or page_size != PAGE_SIZE or not ram_size or ram_size % PAGE_SIZE:
+            self._fail(f"INFO with RAM size {ram_size} and page size {page_size} is not usable")
+        self.ram_size = ram_size
+        return Info(ram_size, page_size)
+
+    def _on_request(self, payload: memoryview) -> Event:
+        if len(payload) < COUNT.size:
+            self._fail("REQUEST frame too short")
+        count, reserved = COUNT.unpack_from(payload)
+        if reserved or not 1 <= count <= MAX_REQUEST_PAGES or len(payload) != COUNT.size + 8 * count:
+            self._fail(f"REQUEST of {count} pages in {len(payload)} bytes")
+        offsets = struct.unpack_from(f"!{count}Q", payload, COUNT.size)
+        for offset in offsets:
+            self._check_run(offset, 1, FrameType.REQUEST)
+        return Request(offsets)
+
+    def _on_pages(self, payload: memoryview) -> Event:
+        if len(payload) < RUN.size:
+            self._fail("PAGES frame too short")
+        offset, count, reserved = RUN.unpack_from(payload)
+        if reserved or not 1 <= count <= MAX_RUN_PAGES or len(payload) != RUN.size + count * PAGE_SIZE:
+            self._fail(f"PAGES run of {count} pages in {len(payload)} bytes")
+        self._check_run(offset, count, FrameType.PAGES)
+        return Pages(offset, payload[RUN.size:])
+
+    def _on_have(self, payload: memoryview) -> Event:
+        if len(payload) < HAVE.size:
+            self._fail("HAVE frame too short")
+        first, count, reserved = HAVE.unpack_from(payload)
+        if reserved or not 1 <= count <= MAX_HAVE_PAGES or len(payload) != HAVE.size + (count + 7) // 8:
+            self._fail(f"HAVE of {count} pages in {len(payload)} bytes")
+        self._check_run(first * PAGE_SIZE, count, FrameType.HAVE)
+        return Have(first, count, bytes(payload[HAVE.size:]))
+
+    def _check_run(self, offset: int, count: int, kind: FrameType) -> None:
+        if offset % PAGE_SIZE or count < 1:
+            self._fail(f"{kind.name} at unaligned offset {offset:#x} or of {count} pages")
+        if self.ram_size is not None and offset + count * PAGE_SIZE > self.ram_size:
+            self._fail(f"{kind.name} of {count} pages at {offset:#x} is beyond the RAM size {self.ram_size:#x}")
+
+    # ---- sending --------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """Bytes the codec itself has queued (HELLO, AUTH, an ERROR); empties the queue."""
+        out, self._outgoing = bytes(self._outgoing), bytearray()
+        return out
+
+    def _require_ready(self, kind: FrameType) -> None:
+        if self.state is not State.READY:
+            raise LocalProtocolError(f"cannot send {kind.name} while {self.state.value}")
+        if kind not in ACCEPTS[self.peer_role, self.channel]:
+            raise LocalProtocolError(f"a {self.role.name.lower()} does not send {kind.name} "
+                                     f"on the {self.channel.name.lower()} channel")
+
+    def send_info(self, ram_size: int) -> bytes:
+        self._require_ready(FrameType.INFO)
+        return frame(FrameType.INFO, INFO.pack(ram_size, PAGE_SIZE, 0))
+
+    def send_request(self, offsets: list[int]) -> bytes:
+        """One or more REQUEST frames for ``offsets`` (any number)."""
+        self._require_ready(FrameType.REQUEST)
+        out = bytearray()
+        for i in range(0, len(offsets), MAX_REQUEST_PAGES):
+            chunk = offsets[i:i + MAX_REQUEST_PAGES]
+            out += frame(FrameType.REQUEST, COUNT.pack(len(chunk), 0) + struct.pack(f"!{len(chunk)}Q", *chunk))
+        return bytes(out)
+
+    def send_pages_header(self, offset: int, count: int) -> bytes:
+        """The header of a PAGES frame; the caller sends ``count`` pages right after it
+        (``sock.sendmsg([header, data])``: the data is never copied here)."""
+        self._require_ready(FrameType.PAGES)
+        if not 1 <= count <= MAX_RUN_PAGES or offset % PAGE_SIZE:
+            raise LocalProtocolError(f"PAGES run of {count} pages at {offset:#x}")
+        return HEADER.pack(FrameType.PAGES, 0, 0, RUN.size + count * PAGE_SIZE) + RUN.pack(offset, count, 0)
+
+    def send_zero(self, offset: int, count: int) -> bytes:
+        self._require_ready(FrameType.ZERO)
+        return frame(FrameType.ZERO, ZERO.pack(offset, count))
+
+    def send_have(self, first: int, bitmap: bytes, count: int) -> bytes:
+        self._require_ready(FrameType.HAVE)
+        if not 1 <= count <= MAX_HAVE_PAGES or len(bitmap) != (count + 7) // 8:
+            raise LocalProtocolError(f"HAVE of {count} pages with a {len(bitmap)}-byte bitmap")
+        return frame(FrameType.HAVE, HAVE.pack(first, count, 0) + bitmap)
+
+    def send_done(self, pages: int, zeros: int) -> bytes:
+        self._require_ready(FrameType.DONE)
+        return frame(FrameType.DONE, DONE.pack(pages, zeros))
+
+    @staticmethod
+    def error_frame(code: ErrorCode, reason: str) -> bytes:
+        """An ERROR frame; allowed in every state (the connection is closed after it)."""
+        return frame(FrameType.ERROR, ERROR.pack(code, 0) + reason.encode()[:MAX_REASON])
