@@ -119,7 +119,7 @@ bench-kernel-profile: kmod $(BUILD)/fault_bench
 	@head -n 12 $(BUILD)/profile-*.txt
 
 
-test: check test-kernel $(if $(QEMU_TESTS),test-qemu)
+test: check test-kernel test-daemon $(if $(QEMU_TESTS),test-qemu)
 	@echo "make test: every lane passed"
 
 demo: setup
@@ -129,3 +129,8 @@ demo: setup
 clean:
 	$(MAKE) -C kernel clean
 	rm -rf $(BUILD) daemon/umemd/_umem_abi.*
+
+# The daemon suite (umemd serve/pull on the real device), inside the VM.
+test-daemon: abi kmod
+	$(PY) -m compileall -q daemon tests
+	$(VM) $(VM_KERNEL_ARGS) --console-log $(BUILD)/vm-daemon-console.log -- $(PY) -m pytest tests/daemon $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""The umemd command line.
+"""The umemd command line: serve, pull, keygen, list, stats, destroy.
 
 Exit codes: 0 success, 1 an operation failed (the message says what and
 how to fix it), 2 bad usage, 3 the umem module is not loaded.
@@ -9,13 +9,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import secrets
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from umemd.destination import Puller, open_instance
 from umemd.device import CONTROL_PATH, Control
 from umemd.errors import ModuleNotLoadedError, UmemError
+from umemd.protocol import Role
+from umemd.qmpwatch import release_when_stopped
+from umemd.ramfile import RamFile
+from umemd.source import PREPAGE, PageServer
+from umemd.stats import PullStats
+from umemd.transport import Dialer, Endpoint, TlsFiles
 
 log = logging.getLogger("umemd")
 
@@ -24,10 +35,19 @@ EXIT_USAGE = 2
 EXIT_NO_MODULE = 3
 
 DESCRIPTION = """\
-umemd manages umem instances: memory whose pages a userspace server supplies
-on demand, mapped by QEMU as guest RAM during a post-copy live migration.
-Each instance is /dev/umem/NAME; /dev/umem/control (root only) creates and
-removes them.
+umemd moves a guest's RAM after a post-copy live migration. On the
+destination, `umemd pull` holds a umem instance (/dev/umem/NAME, which the
+destination QEMU maps as guest RAM): every page the guest touches is asked
+of the source at once, and the rest streams in the background. On the
+source, `umemd serve` serves the stopped guest's RAM file. The two speak an
+authenticated protocol over two TCP connections (docs/protocol.md); either
+side may listen, the other connects.
+
+typical use (destination listens):
+  dst# umemd keygen /etc/umem/key        (copy the key to the source)
+  dst# umemd pull vm1 --size 512M --listen 0.0.0.0:4444 --key-file /etc/umem/key
+  src# umemd serve /dev/shm/vm1-ram --connect dst:4444 --key-file /etc/umem/key \\
+           --qmp /run/vm1.qmp
 """
 
 EPILOG = f"""\
@@ -66,6 +86,138 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_size(text: str) -> int:
+    """Bytes from '536870912', '512M', '4G' (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        return int(text[:-1]) * units[text[-1]] if text and text[-1] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 536870912, 512M, 4G)") from None
+
+
+def read_key(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes().strip()
+    except OSError as e:
+        raise UmemError(f"cannot read the key file {path}: {e.strerror} (make one with umemd keygen FILE)") from e
+    try:
+        key = bytes.fromhex(raw.decode())
+    except (UnicodeDecodeError, ValueError):
+        key = raw
+    if len(key) < 32:
+        raise UmemError(f"the key in {path} is {len(key)} bytes; at least 32 are needed (umemd keygen FILE)")
+    return key
+
+
+def dialer_for(args: argparse.Namespace, role: Role, stop: threading.Event) -> Dialer:
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    endpoint = args.listen or args.connect
+    try:
+        return Dialer(role, read_key(args.key_file), endpoint, listen=args.listen is not None, tls=tls, stop=stop)
+    except OSError as e:
+        raise UmemError(f"cannot listen on {endpoint}: {e.strerror or e}") from e
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    log.info("wrote a new key to %s (mode 0600): copy it to the other host", path)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    ram = RamFile(args.ramfile)
+    stop = threading.Event()
+    released = threading.Event()
+    if args.qmp:
+        release_when_stopped(args.qmp, released)
+    else:
+        released.set()
+    dialer = dialer_for(args, Role.SOURCE, stop)
+    server = PageServer(ram, dialer, released, prepage=args.prepage,
+                        push_rate=args.max_push_rate * 2**20 if args.max_push_rate else None)
+    try:
+        status = server.run()
+    finally:
+        stop.set()
+        dialer.close()
+    if args.report:
+        args.report.write_text(json.dumps(asdict(server.stats), indent=2) + "\n")
+    return status
+
+
+def wait_for_module(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not CONTROL_PATH.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    if args.wait_module:
+        wait_for_module(args.wait_module)
+    stop = threading.Event()
+    with Control(args.control) as control:
+        server, attached = open_instance(control, args.name, args.size)
+        stats = PullStats(args.name, server.pages, attached=attached)
+        dialer = dialer_for(args, Role.DESTINATION, stop)
+        puller = Puller(control, server, dialer, stats)
+        progress = Progress(puller, sys.stderr.isatty() and not args.quiet)
+        progress.start()
+        try:
+            puller.run()
+        finally:
+            progress.stop()
+            stop.set()
+            dialer.close()
+            present = server.stats().present
+            if args.report:
+                stats.write_report(args.report, present)
+            server.close()
+    log.info("%s", stats.progress_line(present))
+    return 0
+
+
+class Progress(threading.Thread):
+    """A live progress line on a terminal, or a log line every few seconds."""
+
+    def __init__(self, puller: Puller, tty: bool) -> None:
+        super().__init__(name="umemd-progress", daemon=True)
+        self.puller = puller
+        self.tty = tty
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        interval = 0.5 if self.tty else 5.0
+        while not self._stop_event.wait(interval):
+            line = self.puller.stats.progress_line(self.puller.present())
+            if self.tty:
+                sys.stderr.write("\r" + line[:200] + "\033[K")
+                sys.stderr.flush()
+            else:
+                log.info("%s", line)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def add_link_options(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--listen", type=Endpoint.parse, metavar="HOST:PORT",
+                       help="wait for the peer to connect here (both channels use this port)")
+    where.add_argument("--connect", type=Endpoint.parse, metavar="HOST:PORT",
+                       help="connect to the peer there, retrying with backoff until it answers")
+    p.add_argument("--key-file", type=Path, required=True, metavar="FILE",
+                   help="the shared key (umemd keygen FILE); a peer without it is refused before any page")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="use TLS with this certificate (and --tls-key)")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="verify the peer's certificate against this CA")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="umemd", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -74,6 +226,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control", type=Path, default=CONTROL_PATH, metavar="PATH",
                         help=f"the umem control node (default: {CONTROL_PATH})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pull", help="destination: serve a guest's faults and pull all of its RAM",
+                       description="Create umem instance NAME of --size bytes (or attach to it if it exists, "
+                       "after a restart) and make every page present: pages the guest touches are asked of the "
+                       "source at once on the demand channel, the rest arrive on the push channel. When every "
+                       "page is present the instance's node is destroyed (the guest keeps its memory) and "
+                       "umemd exits 0. Start it before the destination QEMU's migrate-incoming.")
+    p.add_argument("name", metavar="NAME", help="instance name: QEMU maps /dev/umem/NAME")
+    p.add_argument("--size", type=parse_size, required=True, help="guest RAM size (bytes, or with K/M/G/T)")
+    add_link_options(p)
+    p.add_argument("--wait-module", type=float, default=0, metavar="SECONDS",
+                   help="wait this long for the umem module to be loaded (default: fail at once)")
+    p.add_argument("--report", type=Path, metavar="FILE.json",
+                   help="write counts, bytes, durations and the fault-latency histogram here")
+    p.add_argument("--quiet", action="store_true", help="no progress line on a terminal")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("serve", help="source: serve a stopped guest's RAM file to one destination",
+                       description="Serve RAMFILE (the source QEMU's memory-backend-file mem-path, share=on) to "
+                       "one umemd pull: requested pages first, the rest pushed in the background (pages after "
+                       "recent faults first, holes and zero pages as hints). Exits 0 once the destination has "
+                       "every page; survives the destination reconnecting or restarting.")
+    p.add_argument("ramfile", type=Path, metavar="RAMFILE", help="the guest RAM file")
+    add_link_options(p)
+    p.add_argument("--qmp", type=Path, metavar="SOCKET",
+                   help="the source QEMU's QMP socket: send no page until it reports the guest stopped "
+                   "(with x-ignore-shared a page read earlier may be stale)")
+    p.add_argument("--prepage", type=int, default=PREPAGE, metavar="N",
+                   help=f"pages sent with each demanded page, that page first (default {PREPAGE})")
+    p.add_argument("--max-push-rate", type=float, metavar="MIB/S",
+                   help="cap the background push (default: as fast as the link goes; demand is never capped)")
+    p.add_argument("--report", type=Path, metavar="FILE.json", help="write what was sent here")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keygen", help="write a new random key file",
+                       description="Write 32 random bytes, hex, to FILE (mode 0600; FILE must not exist).")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("list", help="list umem instances", description="List every umem instance: its name, size "
                        "in bytes, pages present, and whether a server fd is open.")
@@ -96,14 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="umemd: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="umemd %(threadName)s: %(message)s" if args.verbose else "umemd: %(message)s")
     try:
         status: int = args.func(args)
     except ModuleNotLoadedError as e:
         log.error("%s", e)
         return EXIT_NO_MODULE
-    except UmemError as e:
+    except (UmemError, OSError) as e:
         log.error("%s", e)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        log.error("interrupted")
         return EXIT_FAILED
     return status
 

@@ -80,6 +80,7 @@ class FrameType(enum.IntEnum):
     HAVE = 7
     DONE = 8
     ERROR = 9
+    COMPLETE = 10
 
 
 class ErrorCode(enum.IntEnum):
@@ -110,6 +111,7 @@ MAX_PAYLOAD = {
     FrameType.HAVE: HAVE.size + MAX_HAVE_PAGES // 8,
     FrameType.DONE: DONE.size,
     FrameType.ERROR: ERROR.size + MAX_REASON,
+    FrameType.COMPLETE: 0,
 }
 MAX_FRAME = HEADER.size + max(MAX_PAYLOAD.values())
 
@@ -119,13 +121,14 @@ TRANSITIONS: dict[tuple[State, FrameType], State] = {
     (State.AUTH, FrameType.AUTH): State.READY,
     **{(s, FrameType.ERROR): State.CLOSED for s in (State.HELLO, State.AUTH, State.READY)},
     **{(State.READY, t): State.READY for t in (FrameType.INFO, FrameType.REQUEST, FrameType.PAGES,
-                                                FrameType.ZERO, FrameType.HAVE, FrameType.DONE)},
+                                                FrameType.ZERO, FrameType.HAVE, FrameType.DONE,
+                                                FrameType.COMPLETE)},
 }
 
 # What each side may receive in READY, by (our role, channel).
 ACCEPTS: dict[tuple[Role, Channel], frozenset[FrameType]] = {
     (Role.SOURCE, Channel.DEMAND): frozenset({FrameType.REQUEST, FrameType.ERROR}),
-    (Role.SOURCE, Channel.PUSH): frozenset({FrameType.HAVE, FrameType.ERROR}),
+    (Role.SOURCE, Channel.PUSH): frozenset({FrameType.HAVE, FrameType.COMPLETE, FrameType.ERROR}),
     (Role.DESTINATION, Channel.DEMAND): frozenset({FrameType.INFO, FrameType.PAGES, FrameType.ZERO, FrameType.ERROR}),
     (Role.DESTINATION, Channel.PUSH): frozenset(
         {FrameType.INFO, FrameType.PAGES, FrameType.ZERO, FrameType.DONE, FrameType.ERROR}
@@ -192,6 +195,11 @@ class Done:
 
 
 @dataclass(frozen=True)
+class Complete:
+    """The destination has every page: the source may stop serving."""
+
+
+@dataclass(frozen=True)
 class PeerError:
     code: int
     reason: str
@@ -202,7 +210,7 @@ class Closed:
     """The peer closed the connection (end of file)."""
 
 
-Event = Authenticated | Info | Request | Pages | Zero | Have | Done | PeerError | Closed
+Event = Authenticated | Info | Request | Pages | Zero | Have | Done | Complete | PeerError | Closed
 
 
 def auth_tag(key: bytes, sender: Role, channel: Channel, sender_nonce: bytes, receiver_nonce: bytes) -> bytes:
@@ -336,6 +344,8 @@ class Connection:
             return Zero(offset, count)
         if kind is FrameType.HAVE:
             return self._on_have(payload)
+        if kind is FrameType.COMPLETE:
+            return Complete()
         pages, zeros = self._unpack(DONE, payload, kind)
         return Done(pages, zeros)
 
@@ -462,6 +472,10 @@ class Connection:
     def send_done(self, pages: int, zeros: int) -> bytes:
         self._require_ready(FrameType.DONE)
         return frame(FrameType.DONE, DONE.pack(pages, zeros))
+
+    def send_complete(self) -> bytes:
+        self._require_ready(FrameType.COMPLETE)
+        return frame(FrameType.COMPLETE)
 
     @staticmethod
     def error_frame(code: ErrorCode, reason: str) -> bytes:

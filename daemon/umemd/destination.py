@@ -1,0 +1,255 @@
+"""The destination daemon (``umemd pull``).
+
+Holds the server fd of one umem instance and makes every page present:
+
+- the demand thread reads fault records from the server fd, asks the
+  source for those pages on the demand channel and fills what comes back;
+- the push thread tells the source which pages are present (HAVE), then
+  fills the background stream, one UMEM_FILL or UMEM_ZERO per frame.
+
+Either link may drop: the thread gets a new one (reconnecting with backoff,
+or waiting for the source to connect again), and asks again for every fault
+not served yet. When every page is present it sends COMPLETE, destroys the
+instance's node (the memory stays with QEMU's mapping) and returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import threading
+import time
+
+from umemd.device import Control, Server
+from umemd.errors import ConnectError, InstanceExistsError, ProtocolError, UmemError
+from umemd.protocol import MAX_HAVE_PAGES, PAGE_SIZE, Channel, Closed, Done, ErrorCode, Info, PeerError, Zero
+from umemd.protocol import Pages as PagesEvent
+from umemd.stats import PullStats
+from umemd.transport import Dialer, Link
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 0.25  # seconds between completion checks while idle
+
+
+class SizeMismatchError(UmemError):
+    """The source's RAM and the instance differ in size."""
+
+
+class Puller:
+    """Pulls every page of one instance from its source."""
+
+    def __init__(self, control: Control, server: Server, dialer: Dialer, stats: PullStats) -> None:
+        self.control = control
+        self.server = server
+        self.dialer = dialer
+        self.stats = stats
+        self.done = threading.Event()
+        self.failed: BaseException | None = None
+        self._inflight: dict[int, float] = {}  # page offset -> when its fault was read
+        self._lock = threading.Lock()
+        self._push_done = threading.Event()  # the source said DONE on the push channel
+
+    def run(self) -> None:
+        """Pull until every page is present, then destroy the node."""
+        threads = [threading.Thread(target=self._guard, args=(loop,), name=name, daemon=True)
+                   for loop, name in ((self._demand_loop, "umemd-demand"), (self._push_loop, "umemd-push"))]
+        for t in threads:
+            t.start()
+        while not self.done.wait(CHECK_INTERVAL):
+            self._check_complete()
+        if self.failed:
+            raise self.failed
+        for t in threads:
+            t.join(5)
+        self.stats.finished = time.monotonic()
+        self.control.destroy(self.server.name)
+        log.info("every page of %r is present; its node is destroyed", self.server.name)
+
+    def present(self) -> int:
+        return self.server.stats().present
+
+    def _check_complete(self) -> bool:
+        if self.present() == self.server.pages:
+            self.done.set()
+        return self.done.is_set()
+
+    def _guard(self, loop: object) -> None:
+        try:
+            loop()  # type: ignore[operator]
+        except BaseException as e:  # a bug or a fatal mismatch: stop everything
+            self.failed = e
+            self.done.set()
+
+    def _link(self, channel: Channel) -> Link | None:
+        """A new link whose INFO matched the instance, or None once done."""
+        while not self.done.is_set():
+            try:
+                link = self.dialer.link(channel)
+            except ConnectError:
+                return None
+            try:
+                for event in link.events():
+                    if isinstance(event, Info):
+                        if event.ram_size != self.server.size:
+                            link.send(link.conn.error_frame(ErrorCode.SIZE_MISMATCH, "RAM size differs"))
+                            raise SizeMismatchError(
+                                f"the source serves {event.ram_size} bytes but instance {self.server.name!r} "
+                                f"has {self.server.size}: point umemd serve at this guest's RAM file")
+                        return link
+                    break
+            except (ProtocolError, OSError) as e:
+                log.warning("%s channel: %s", channel.name.lower(), e)
+            link.close()
+        return None
+
+    # ---- demand ---------------------------------------------------------------
+
+    def _demand_loop(self) -> None:
+        while (link := self._link(Channel.DEMAND)) is not None:
+            try:
+                self._serve_faults(link)
+            except (ProtocolError, OSError) as e:
+                log.warning("demand channel lost: %s; reconnecting", e)
+                self.stats.reconnects += 1
+            finally:
+                link.close()
+
+    def _serve_faults(self, link: Link) -> None:
+        with self._lock:
+            pending = sorted(self._inflight)
+        if pending:  # asked of a server that went away: ask this one
+            link.send(link.conn.send_request(pending))
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.server.fileno(), selectors.EVENT_READ, "faults")
+            selector.register(link.sock, selectors.EVENT_READ, "link")
+            while not self.done.is_set():
+                ready = selector.select(CHECK_INTERVAL)
+                for key, _ in ready:
+                    if key.data == "faults":
+                        self._request_faults(link)
+                    elif not self._receive(link):
+                        return
+                if not ready:
+                    self._request_stragglers(link)
+
+    def _request_faults(self, link: Link) -> None:
+        faults = self.server.read_faults()
+        now = time.monotonic()
+        new = []
+        with self._lock:
+            for fault in faults:
+                if fault.offset not in self._inflight:
+                    self._inflight[fault.offset] = now
+                    new.append(fault.offset)
+        self.stats.faults += len(faults)
+        if new:
+            link.send(link.conn.send_request(new))
+
+    def _request_stragglers(self, link: Link) -> None:
+        """After the push is done, ask on demand for pages still missing (pages
+        the source sent on a demand link that dropped before they arrived)."""
+        if not self._push_done.is_set() or self._inflight:
+            return
+        missing = [page * PAGE_SIZE for page in self.server.missing_pages()]
+        if missing:
+            log.info("asking on demand for %d pages the push did not deliver", len(missing))
+            now = time.monotonic()
+            with self._lock:
+                self._inflight.update(dict.fromkeys(missing, now))
+            link.send(link.conn.send_request(missing))
+
+    def _receive(self, link: Link) -> bool:
+        """Fill what arrived; False when the link closed."""
+        before = link.bytes_in
+        events = link.receive()
+        self.stats.bytes_received += link.bytes_in - before
+        for event in events:
+            if isinstance(event, PagesEvent | Zero):
+                self._fill(event, demand=link.channel is Channel.DEMAND)
+            elif isinstance(event, Done):
+                self._push_done.set()
+                log.info("the source has pushed every page (%d as data, %d as zero hints)", event.pages, event.zeros)
+            elif isinstance(event, PeerError):
+                log.error("%s channel: the source says: %s", link.channel.name.lower(), event.reason)
+                return False
+            elif isinstance(event, Closed):
+                return False
+        return True
+
+    def _fill(self, event: PagesEvent | Zero, *, demand: bool) -> None:
+        if isinstance(event, PagesEvent):
+            result = self.server.fill([(event.offset, event.data)])
+            count = event.count
+        else:
+            result = self.server.zero(event.offset, event.count * PAGE_SIZE)
+            count = event.count
+            self.stats.zero_pages += result.done
+        if demand:
+            self.stats.demand_pages += result.done
+        else:
+            self.stats.pushed_pages += result.done
+        self.stats.skipped_pages += result.skipped
+        self._served(event.offset, count)
+
+    def _served(self, offset: int, count: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if not self._inflight:
+                return
+            for page_offset in range(offset, offset + count * PAGE_SIZE, PAGE_SIZE):
+                asked = self._inflight.pop(page_offset, None)
+                if asked is not None:
+                    self.stats.latency.add(now - asked)
+
+    # ---- push -----------------------------------------------------------------
+
+    def _push_loop(self) -> None:
+        while (link := self._link(Channel.PUSH)) is not None:
+            try:
+                self._send_have(link)
+                if self._pull_stream(link):
+                    return
+            except (ProtocolError, OSError) as e:
+                log.warning("push channel lost: %s; reconnecting", e)
+                self.stats.reconnects += 1
+            finally:
+                link.close()
+
+    def _pull_stream(self, link: Link) -> bool:
+        """Fill the push stream; True once every page is present (COMPLETE sent)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(link.sock, selectors.EVENT_READ)
+            while True:
+                if self._check_complete():
+                    link.send(link.conn.send_complete())
+                    return True
+                if selector.select(CHECK_INTERVAL) and not self._receive(link):
+                    return False
+
+    def _send_have(self, link: Link) -> None:
+        """HAVE frames covering every page, from the instance's present bitmap."""
+        bitmap = self.server.present_bitmap()
+        for first in range(0, self.server.pages, MAX_HAVE_PAGES):
+            count = min(MAX_HAVE_PAGES, self.server.pages - first)
+            link.send(link.conn.send_have(first, bitmap[first // 8:first // 8 + (count + 7) // 8], count))
+
+
+def open_instance(control: Control, name: str, size: int) -> tuple[Server, bool]:
+    """Create instance ``name`` of ``size`` bytes, or attach to it after a restart.
+
+    Returns the server and whether it was attached.
+    """
+    try:
+        return control.create(name, size, nonblock=True), False
+    except InstanceExistsError:
+        server = control.attach(name, nonblock=True)
+    if server.size != size:
+        server.close()
+        raise SizeMismatchError(f"instance {name!r} exists with {server.size} bytes, not {size}: "
+                                f"destroy it (umemd destroy {name}) or pass its size")
+    with contextlib.suppress(UmemError):
+        log.info("attached to existing instance %r: %d of %d pages present", name, server.stats().present,
+                 server.pages)
+    return server, True

@@ -1,0 +1,237 @@
+"""The source page server (``umemd serve``).
+
+Serves the RAM file of the stopped source guest to one destination over
+two channels: demand (each requested page first, then a few pages after
+it) and push (every other page: the pages after recent faults first, then
+the rest in order; holes and all-zero chunks as ZERO hints). Nothing is
+sent before :attr:`PageServer.released` is set: with x-ignore-shared the
+source guest runs until switch-over, so a page read earlier may be stale.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from umemd.errors import ConnectError, ProtocolError
+from umemd.protocol import (
+    MAX_RUN_PAGES,
+    Channel,
+    Closed,
+    Complete,
+    ErrorCode,
+    Have,
+    PeerError,
+    Request,
+)
+from umemd.ramfile import PAGE_SIZE, RamFile
+from umemd.transport import Dialer, Link
+
+log = logging.getLogger(__name__)
+
+PREPAGE = 8  # pages sent with each demand request, requested page first
+PUSH_AFTER_FAULT = 256  # pages after a fault the push stream sends next
+PUSH_RUN = 256  # pages per PAGES frame in the push stream (1 MiB)
+
+
+@dataclass
+class SourceStats:
+    demand_requests: int = 0
+    demand_pages: int = 0
+    pushed_pages: int = 0
+    zero_pages: int = 0
+    bytes_sent: int = 0
+    sessions: dict[str, int] = field(default_factory=lambda: {"demand": 0, "push": 0})
+
+
+class PageServer:
+    """Serves one RAM file to one destination until it reports COMPLETE."""
+
+    def __init__(self, ram: RamFile, dialer: Dialer, released: threading.Event, *, prepage: int = PREPAGE,
+                 push_rate: float | None = None) -> None:
+        self.ram = ram
+        self.push_rate = push_rate  # bytes per second, None: as fast as the link goes
+        self.dialer = dialer
+        self.released = released
+        self.prepage = prepage
+        self.stats = SourceStats()
+        self.complete = threading.Event()
+        self._extents = list(ram.data_extents())
+        self._extent_starts = [start for start, _ in self._extents]
+        self._hot: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)  # (next page, limit)
+        self._sent = bytearray(ram.pages)  # this push session: 1 = present or sent
+        self._lock = threading.Lock()
+
+    def run(self) -> int:
+        """Serve until the destination has every page; 0 then."""
+        threads = [threading.Thread(target=self._channel_loop, args=(channel,), name=f"umemd-{channel.name.lower()}",
+                                    daemon=True) for channel in Channel]
+        for t in threads:
+            t.start()
+        self.complete.wait()
+        log.info("destination has every page: %d sent on demand, %d pushed, %d as zero hints",
+                 self.stats.demand_pages, self.stats.pushed_pages, self.stats.zero_pages)
+        return 0
+
+    def _channel_loop(self, channel: Channel) -> None:
+        serve = self._serve_demand if channel is Channel.DEMAND else self._serve_push
+        while not self.complete.is_set():
+            try:
+                link = self.dialer.link(channel)
+            except ConnectError:
+                return
+            self.stats.sessions[channel.name.lower()] += 1
+            try:
+                link.send(link.conn.send_info(self.ram.size))
+                serve(link)
+            except ProtocolError as e:
+                log.error("%s channel from %s: %s; closing it", channel.name.lower(), link.peer, e)
+                with contextlib.suppress(OSError):
+                    link.flush()
+            except OSError as e:
+                log.warning("%s channel to %s lost: %s", channel.name.lower(), link.peer, e)
+            finally:
+                link.close()
+
+    # ---- demand ---------------------------------------------------------------
+
+    def _serve_demand(self, link: Link) -> None:
+        for event in link.events():
+            if isinstance(event, Request):
+                self.released.wait()
+                self.stats.demand_requests += 1
+                for offset in event.offsets:
+                    self._send_demand(link, offset // PAGE_SIZE)
+            elif isinstance(event, PeerError | Closed):
+                self._log_end(link, event)
+                return
+
+    def _send_demand(self, link: Link, page: int) -> None:
+        end = min(page + self.prepage, self.ram.pages)
+        self.stats.demand_pages += self._send_range(link, page, end)
+        with self._lock:
+            self._sent[page:end] = b"\x01" * (end - page)
+            self._hot.append((end, min(end + PUSH_AFTER_FAULT, self.ram.pages)))
+
+    # ---- push -----------------------------------------------------------------
+
+    def _serve_push(self, link: Link) -> None:
+        sent = bytearray(self.ram.pages)
+        covered = 0
+        events = link.events()
+        while covered < self.ram.pages:
+            event = next(events)
+            if isinstance(event, PeerError | Closed):
+                self._log_end(link, event)
+                return
+            if not isinstance(event, Have) or event.first != covered:
+                raise ProtocolError(f"expected HAVE from page {covered}, got {event}")
+            sent[event.first:event.first + event.count] = _bits_to_bytes(event.bitmap, event.count)
+            covered += event.count
+        with self._lock:
+            self._sent = sent
+        self.released.wait()
+        pushed = self._push_all(link)
+        self.stats.pushed_pages += pushed
+        link.send(link.conn.send_done(pushed, self.stats.zero_pages))
+        log.info("push stream done: %d pages pushed", pushed)
+        for event in events:
+            if isinstance(event, Complete):
+                self.complete.set()
+                return
+            if isinstance(event, PeerError | Closed):
+                self._log_end(link, event)
+                return
+
+    def _push_all(self, link: Link) -> int:
+        """Push every page not sent yet: the pages after recent faults first
+        (pre-paging), then the rest in order."""
+        pushed = 0
+        cursor = 0
+        started = time.monotonic()
+        while True:
+            if self.push_rate:
+                ahead = pushed * PAGE_SIZE / self.push_rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+            with self._lock:
+                limit: int | None = None
+                if self._hot:
+                    position, limit = self._hot.popleft()
+                    start = self._sent.find(0, position, limit)
+                    if start < 0:
+                        continue  # that window is done
+                else:
+                    start = self._sent.find(0, cursor)
+                    if start < 0:
+                        return pushed
+                run_end = min(start + PUSH_RUN, limit or self.ram.pages)
+                end = self._sent.find(1, start, run_end)
+                end = run_end if end < 0 else end
+                self._sent[start:end] = b"\x01" * (end - start)
+            pushed += self._send_range(link, start, end)
+            if limit is None:
+                cursor = end
+            elif end < limit:
+                with self._lock:
+                    self._hot.appendleft((end, limit))  # keep following this fault
+
+    # ---- sending pages ------------------------------------------------------------
+
+    def _send_range(self, link: Link, start: int, end: int) -> int:
+        """Send pages [start, end) as PAGES and ZERO frames; returns pages sent as data."""
+        data_pages = 0
+        for lo, hi, is_data in self._runs(start, end):
+            if is_data and not self.ram.is_zero(lo * PAGE_SIZE, (hi - lo) * PAGE_SIZE):
+                for run in range(lo, hi, MAX_RUN_PAGES):
+                    count = min(MAX_RUN_PAGES, hi - run)
+                    header = link.conn.send_pages_header(run * PAGE_SIZE, count)
+                    link.send(header, self.ram.view[run * PAGE_SIZE:(run + count) * PAGE_SIZE])
+                    self.stats.bytes_sent += len(header) + count * PAGE_SIZE
+                data_pages += hi - lo
+            else:
+                link.send(link.conn.send_zero(lo * PAGE_SIZE, hi - lo))
+                self.stats.zero_pages += hi - lo
+        return data_pages
+
+    def _runs(self, start: int, end: int) -> list[tuple[int, int, bool]]:
+        """Split [start, end) into (lo, hi, is_data) runs by the file's data extents."""
+        runs = []
+        position = start * PAGE_SIZE
+        stop = end * PAGE_SIZE
+        i = max(0, bisect.bisect_right(self._extent_starts, position) - 1)
+        while position < stop:
+            if i < len(self._extents) and self._extents[i][1] <= position:
+                i += 1
+                continue
+            ext_start, ext_end = self._extents[i] if i < len(self._extents) else (self.ram.size, self.ram.size)
+            if position < ext_start:
+                hole_end = min(ext_start, stop)
+                runs.append((position // PAGE_SIZE, hole_end // PAGE_SIZE, False))
+                position = hole_end
+            else:
+                data_end = min(ext_end, stop)
+                runs.append((position // PAGE_SIZE, data_end // PAGE_SIZE, True))
+                position = data_end
+        return runs
+
+    @staticmethod
+    def _log_end(link: Link, event: PeerError | Closed) -> None:
+        if isinstance(event, PeerError):
+            level = logging.INFO if event.code == ErrorCode.SHUTDOWN else logging.ERROR
+            log.log(level, "%s channel: the destination says: %s", link.channel.name.lower(), event.reason)
+        else:
+            log.info("%s channel: the destination closed the connection", link.channel.name.lower())
+
+
+def _bits_to_bytes(bitmap: bytes, count: int) -> bytes:
+    """One byte per page (0 or 1) from an LSB-first bitmap."""
+    return b"".join(_BIT_TABLE[b] for b in bitmap)[:count]
+
+
+_BIT_TABLE = [bytes((b >> i) & 1 for i in range(8)) for b in range(256)]

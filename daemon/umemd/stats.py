@@ -1,0 +1,83 @@
+"""Counters, the fault-latency histogram, progress lines and the JSON report."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class LatencyHistogram:
+    """Fault latencies in power-of-two microsecond buckets (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        micros = max(1, int(seconds * 1e6))
+        with self._lock:
+            bucket = micros.bit_length() - 1
+            self._buckets[bucket] = self._buckets.get(bucket, 0) + 1
+            self.count += 1
+
+    def percentile(self, fraction: float) -> float:
+        """Upper bound in µs of the bucket holding that fraction of samples (0 if none)."""
+        with self._lock:
+            target = fraction * self.count
+            seen = 0
+            for bucket in sorted(self._buckets):
+                seen += self._buckets[bucket]
+                if seen >= target and self.count:
+                    return float(2 ** (bucket + 1))
+        return 0.0
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return {f"<{2 ** (b + 1)}us": n for b, n in sorted(self._buckets.items())}
+
+
+@dataclass
+class PullStats:
+    """What ``umemd pull`` did."""
+
+    name: str
+    pages: int
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    faults: int = 0
+    demand_pages: int = 0
+    pushed_pages: int = 0
+    zero_pages: int = 0
+    skipped_pages: int = 0
+    bytes_received: int = 0
+    reconnects: int = 0
+    attached: bool = False
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def report(self, present: int) -> dict[str, Any]:
+        doc: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
+                               if f.name not in ("latency", "started", "finished")}
+        end = self.finished or time.monotonic()
+        doc.update(
+            present=present,
+            seconds=round(end - self.started, 3),
+            fault_latency_us={"p50": self.latency.percentile(0.5), "p99": self.latency.percentile(0.99),
+                              "histogram": self.latency.as_dict()},
+        )
+        return doc
+
+    def write_report(self, path: Path, present: int) -> None:
+        path.write_text(json.dumps(self.report(present), indent=2) + "\n")
+
+    def progress_line(self, present: int) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        rate = present / elapsed
+        eta = (self.pages - present) / rate if rate else float("inf")
+        return (f"{self.name}: {present}/{self.pages} pages ({100 * present / self.pages:5.1f}%), "
+                f"{rate * 4096 / 2**20:6.1f} MiB/s, ETA {eta:5.1f} s, {self.faults} faults, "
+                f"latency p50 {self.latency.percentile(0.5):.0f} µs p99 {self.latency.percentile(0.99):.0f} µs")

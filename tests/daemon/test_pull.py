@@ -1,0 +1,75 @@
+"""umemd serve and pull migrate a 256 MiB RAM file into a umem instance while
+synthetic guests touch it; every byte ends equal to the source."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+
+import pytest
+
+from umemd import node_path
+
+from .conftest import HOLE, PAGE, SOURCE_SIZE, ZEROS, Migration, wait_for
+
+PAGES = SOURCE_SIZE // PAGE
+
+
+def source_digest(migration: Migration) -> str:
+    return hashlib.sha256(migration.source.read_bytes()).hexdigest()
+
+
+def finish(migration: Migration, guest: subprocess.Popen[str]) -> dict[str, object]:
+    """Wait for the guest and every daemon not killed; check the guest saw the source's bytes."""
+    out, _ = guest.communicate(timeout=600)
+    assert guest.returncode == 0, out
+    assert out.split()[-1] == source_digest(migration), "the mapped memory differs from the source"
+    for d in migration.daemons:
+        if not d.killed:
+            assert d.wait() == 0, d.text()
+    assert not node_path(migration.name).exists(), "pull left its instance's node behind"
+    return migration.pull_report()
+
+
+@pytest.mark.parametrize("pattern", ["sequential", "random", "strided"])
+def test_guest_faults_are_served_while_the_rest_is_pushed(migration: Migration, pattern: str) -> None:
+    migration.pull()
+    guest = migration.guest(pattern, threads=4, touches=150)
+    migration.serve("--max-push-rate", "64")
+    report = finish(migration, guest)
+    assert report["present"] == PAGES
+    assert report["faults"] > 0 and report["demand_pages"] > 0 and report["pushed_pages"] > 0
+    hinted = (HOLE[1] - HOLE[0] + ZEROS[1] - ZEROS[0]) // PAGE
+    assert report["zero_pages"] >= hinted * 0.9  # a few may go on demand as data
+    assert report["fault_latency_us"]["p50"] > 0  # type: ignore[index]
+
+
+def started_but_unfinished(migration: Migration) -> None:
+    wait_for(lambda: migration.present() > 1000, "the first pages")
+    present = migration.present()
+    assert 0 < present < PAGES, f"{present} of {PAGES} pages present: the fault must hit a migration in flight"
+
+
+def test_page_server_killed_and_restarted(migration: Migration) -> None:
+    pull = migration.pull()
+    guest = migration.guest("random", threads=2, touches=100)
+    first = migration.serve("--max-push-rate", "16")
+    started_but_unfinished(migration)
+    first.kill()
+    migration.serve()
+    report = finish(migration, guest)
+    assert report["reconnects"] >= 1
+    assert pull.proc.returncode == 0
+
+
+def test_pull_killed_and_restarted_attaches_and_finishes(migration: Migration) -> None:
+    first = migration.pull()
+    guest = migration.guest("random", threads=2, touches=100)
+    serve = migration.serve("--max-push-rate", "16")
+    started_but_unfinished(migration)
+    first.kill()
+    assert node_path(migration.name).exists(), "the instance must outlive its daemon"
+    migration.pull()
+    report = finish(migration, guest)
+    assert report["attached"] is True
+    assert serve.proc.returncode == 0
