@@ -5,6 +5,11 @@
 #                    cached build (/var/cache/umem/qemu/<key>)
 #   make qemu-guest  build the test guest (/var/cache/umem/guest/<key>)
 #   make test-qemu   the tests in tests/qemu (needs the venv)
+#   make bench-baseline
+#                    upstream pre-copy, postcopy-ram and postcopy-preempt in
+#                    the end-to-end topology (source on the host, destination
+#                    in the test VM), 3 runs each: build/bench-baseline.json,
+#                    the table in docs/performance.md. Never part of 'test'.
 #
 # QEMU_BIN and QEMU_DATADIR name the build's binary and its firmware
 # directory (-L) for other targets; both go through the 'current' symlink
@@ -18,7 +23,7 @@ QEMU_TEST_PYTHON ?= $(CURDIR)/.venv/bin/python
 # The top-level 'test' target runs test-qemu when this is set.
 QEMU_TESTS := 1
 
-.PHONY: qemu qemu-guest test-qemu
+.PHONY: qemu qemu-guest test-qemu bench-baseline
 
 qemu:
 	UMEM_CACHE=$(UMEM_CACHE) bash qemu-patches/build.sh
@@ -28,3 +33,11 @@ qemu-guest:
 
 test-qemu: qemu qemu-guest venv
 	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m pytest tests/qemu -q
+
+# Extra options for bench/baseline.py (e.g. --runs 5, --modes postcopy).
+BENCH_BASELINE_ARGS ?=
+
+bench-baseline: qemu qemu-guest venv
+	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m bench.baseline \
+		--command "$(strip make bench-baseline $(BENCH_BASELINE_ARGS))" --update-doc docs/performance.md \
+		$(BENCH_BASELINE_ARGS)

@@ -1,0 +1,156 @@
+"""python -m bench.baseline: upstream QEMU migration in the end-to-end topology.
+
+Boots the test VM once (destination side, see bench/topology.py), then runs
+every mode ``--runs`` times, interleaved (pre-copy 1, postcopy 1, preempt 1,
+pre-copy 2, ...), each with a fresh source and destination QEMU; prints medians
+with ranges, writes the raw records as JSON and the table as Markdown, and with
+``--update-doc`` replaces the generated block of the section
+"QEMU migration baseline (upstream, end-to-end topology)" in docs/performance.md.
+
+``make bench-baseline`` runs it (never part of ``make test``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.qemu.harness import CHECKOUT, guest_image, qemu_binary
+
+from . import report
+from .modes import MODES, Mode, Settings
+from .run import run_once
+from .topology import HostTopology, Topology, VmTopology
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__.splitlines()[0])
+    p.add_argument("--topology", choices=("vm", "host"), default="vm",
+                   help="vm: destination inside the test VM (default); host: both on the host (reference)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    p.add_argument("--runs", type=int, default=3, help="runs per mode (default 3)")
+    p.add_argument("--mib", type=int, default=192, help="workload MiB (default 192)")
+    p.add_argument("--ram", default="512M", help="guest RAM (default 512M)")
+    p.add_argument("--postcopy-after", type=float, default=0.0, metavar="S",
+                   help="seconds of pre-copy before migrate-start-postcopy (default 0: at once)")
+    p.add_argument("--passes-after", type=int, default=2,
+                   help="destination verification passes required after completion (default 2)")
+    p.add_argument("--vm-timeout", type=float, default=5400,
+                   help="wall-clock limit of the test VM, seconds (default 5400)")
+    p.add_argument("--workdir", type=Path, default=CHECKOUT / "build" / "bench-baseline",
+                   help="per-run logs (default build/bench-baseline)")
+    p.add_argument("--out", type=Path, default=CHECKOUT / "build" / "bench-baseline.json",
+                   help="raw results (default build/bench-baseline.json); the table goes next to it as .md")
+    p.add_argument("--update-doc", type=Path, metavar="MARKDOWN",
+                   help="replace the generated block of the baseline section in this file")
+    p.add_argument("--command", help="the command line to record in the results (default: this one)")
+    p.add_argument("--from-json", type=Path, metavar="JSON",
+                   help="no runs: print (and with --update-doc record) the table of an earlier result")
+    return p.parse_args(argv)
+
+
+def make_topology(args: argparse.Namespace, modes: list[Mode]) -> Topology:
+    extra: dict[str, int] = {}
+    vm_args: list[str] = []
+    for m in modes:
+        extra.update(m.extra_ports)
+        vm_args += [a for a in m.vm_args if a not in vm_args]
+    if args.topology == "host":
+        return HostTopology(args.workdir, extra)
+    return VmTopology(args.workdir, extra, timeout=args.vm_timeout, vm_args=vm_args)
+
+
+def log(msg: str) -> None:
+    print(f"[bench-baseline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_line(rec: dict[str, Any]) -> str:
+    if not rec.get("ok"):
+        why = rec.get("error") or rec.get("problems")
+        return f"{rec['mode']} #{rec['index']}: FAILED after {rec['seconds']} s: {why}"
+    pr = rec.get("page_requests") or {}
+    parts = [f"total {rec['total_ms'] / 1000:.2f} s",
+             f"STOP->RESUME {rec['stop_resume_ms']:.0f} ms" if rec.get("stop_resume_ms") is not None else "",
+             f"hb gap {rec['max_hb_gap_ms'] / 1000:.2f} s" if rec.get("max_hb_gap_ms") is not None else "",
+             f"{pr['requests']} req p50 {pr['p50_ms']:.1f} ms p99 {pr['p99_ms']:.0f} ms" if pr.get("p50_ms") else "",
+             f"blocktime {rec['blocktime_ms']} ms" if rec.get("blocktime_ms") is not None else "",
+             f"{rec['bytes'] / 1e6:.0f} MB", f"bad {rec['verify_failures']}", f"({rec['seconds']} s)"]
+    return f"{rec['mode']} #{rec['index']}: " + ", ".join(p for p in parts if p)
+
+
+async def bench(args: argparse.Namespace, modes: list[Mode], command: str) -> dict[str, Any]:
+    settings = Settings(ram=args.ram, mib=args.mib, passes_after=args.passes_after,
+                        postcopy_after_s=args.postcopy_after)
+    binary = qemu_binary()
+    if not binary.exists():
+        raise SystemExit(f"{binary} does not exist: run `make qemu` first")
+    guest = guest_image()
+    result: dict[str, Any] = {
+        "command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": report.machine(),
+        "qemu": report.qemu_version(str(binary)), "qemu_binary": str(binary.resolve()),
+        "settings": settings.__dict__, "runs": args.runs,
+        "modes": [{"name": m.name, "title": m.title, "postcopy": m.postcopy} for m in modes],
+        "json": str(args.out.relative_to(CHECKOUT) if args.out.is_relative_to(CHECKOUT) else args.out),
+        "records": [],
+    }
+    t0 = time.monotonic()
+    topo = make_topology(args, modes)
+    log(f"starting the {topo.name} topology (the test VM boots in ~10-30 s)")
+    async with topo:
+        result["topology"] = topo.describe()
+        log(f"agent up: {topo.agent.hello}")
+        for i in range(1, args.runs + 1):
+            for mode in modes:
+                log(f"{mode.name} #{i} ...")
+                rec = await run_once(topo, mode, guest, settings, i, args.workdir / f"{mode.name}-{i}")
+                result["records"].append(rec)
+                log(run_line(rec))
+                save(args.out, result)
+    result["seconds"] = time.monotonic() - t0
+    result["loadavg_end"] = report.machine()["loadavg"]
+    save(args.out, result)
+    return result
+
+
+def save(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+    else:
+        names = [n.strip() for n in args.modes.split(",") if n.strip()]
+        unknown = [n for n in names if n not in MODES]
+        if unknown:
+            raise SystemExit(f"unknown mode(s): {', '.join(unknown)}; known: {', '.join(MODES)}")
+        modes = [MODES[n]() for n in names]
+        command = args.command or "python -m bench.baseline " + shlex.join(argv)
+        result = asyncio.run(bench(args, modes, command))
+    generated = report.block(result)
+    md = args.out.with_suffix(".md") if not args.from_json else args.from_json.with_suffix(".md")
+    md.write_text(generated + "\n")
+    print()
+    print(report.table(result["records"], [(m["name"], m["title"], m["postcopy"]) for m in result["modes"]]))
+    print(f"\nraw results: {args.out if not args.from_json else args.from_json}; table: {md}")
+    ok = bool(result["records"]) and all(r.get("ok") for r in result["records"])
+    if args.update_doc and ok:
+        report.update_doc(args.update_doc, generated)
+        print(f"updated the baseline section of {args.update_doc}")
+    elif args.update_doc:
+        print(f"some runs failed: {args.update_doc} left as it was", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,130 @@
+"""The migration benchmark's harness (bench/): its parsers, its doc section, and one
+short run in the host topology, so that ``make bench-baseline`` (never part of
+``make test``) and the end-to-end issue's umem mode keep a working base."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.metrics import event_interval, heartbeat_gaps, page_requests, percentile, summary
+from bench.modes import MODES, Settings
+from bench.run import run_once
+from bench.topology import ClockSample, HostTopology, complete_lines
+
+from .harness import GuestImage, WorkloadLog
+
+TRACE = """\
+161@1795644209.425413:postcopy_ram_fault_thread_request Request for HVA=0x7f941e4d8000 rb=pc.ram offset=0x0 pid=160
+161@1795644209.438724:postcopy_page_req_add new page req 0x7f941e4d8000 total 1
+161@1795644209.440000:postcopy_ram_fault_thread_request Request for HVA=0x7f941e4d8000 rb=pc.ram offset=0x0 pid=160
+162@1795644209.449982:postcopy_page_req_del resolved page req 0x7f941e4d8000 total 0
+161@1795644209.452152:postcopy_ram_fault_thread_request Request for HVA=0x7f94381f3000 rb=pc.ram offset=0x1 pid=160
+161@1795644209.500000:postcopy_ram_fault_thread_request Request for HVA=0x7f9400000000 rb=pc.ram offset=0x2 pid=160
+161@1795644209.552231:postcopy_page_req_add new page req 0x7f94381f3000 total 1
+162@1795644209.652152:postcopy_page_req_del resolved page req 0x7f94381f3000 total 0
+162@1795644209.700000:postcopy_page_req_del resolved page req 0x7f9400001000 total 0
+qemu-system-x86_64: some unrelated message
+"""
+
+
+def test_page_requests_pairs_fault_request_and_placement() -> None:
+    pr = page_requests(TRACE)
+    assert (pr.faults, pr.requests) == (4, 2)
+    # first page: fault read at .425413, placed at .449982
+    assert pr.latencies_ms == pytest.approx([24.569, 200.0])
+    assert pr.request_ms == pytest.approx([11.258, 99.921])
+    d = pr.to_dict()
+    assert d["resolved"] == 2 and d["p50_ms"] == pytest.approx(24.569) and d["p99_ms"] == pytest.approx(200.0)
+    assert page_requests("").to_dict()["p50_ms"] is None
+    # RESUME at .400000: only the first page's fault is within 50 ms of it.
+    early = page_requests(TRACE, resume_ns=1795644209_400000_000, early_s=0.05).to_dict()["early"]
+    assert early["requests"] == 1 and early["p50_ms"] == pytest.approx(24.569)
+
+
+def test_percentile_and_summary() -> None:
+    assert percentile([5, 1, 3, 2, 4], 50) == 3
+    assert percentile(list(range(1, 101)), 99) == 99
+    assert percentile([7], 99) == 7
+    assert summary([3, None, 1, 2]) == {"median": 2, "min": 1, "max": 3, "n": 3}
+    assert summary([None])["median"] is None
+
+
+def test_heartbeat_gaps_span_the_switch_over() -> None:
+    src = WorkloadLog.parse("UMEMWL HB seq=1 t=1000000000 pass=1 rewrites=1\n"
+                            "UMEMWL HB seq=2 t=1200000000 pass=1 rewrites=1\n")
+    dst = WorkloadLog.parse("UMEMWL HB seq=3 t=4200000000 pass=1 rewrites=1\n"
+                            "UMEMWL HB seq=4 t=4400000000 pass=1 rewrites=1\n"
+                            "UMEMWL HB seq=5 t=5400000000 pass=1 rewrites=1\n")
+    hb = heartbeat_gaps(src, dst)
+    assert hb.switch_gap_ms == pytest.approx(3000)
+    assert hb.max_gap_ms == pytest.approx(3000)
+    assert hb.dst_max_gap_ms == pytest.approx(1000)
+    assert hb.seq_continuous and hb.dst_count == 3
+
+
+def test_complete_lines_drops_a_line_being_written() -> None:
+    assert complete_lines("UMEMWL HB seq=1 t=5\nUMEMWL HB seq=2 t=9") == "UMEMWL HB seq=1 t=5\n"
+    assert complete_lines("no newline") == ""
+
+
+def test_event_interval_corrects_offset_and_drift() -> None:
+    # The remote clock is 600 ms behind and loses 1 ms per second.
+    before = ClockSample(offset_ns=-600_000_000, rtt_ns=1_000_000, host_ns=10**18)
+    after = ClockSample(offset_ns=-610_000_000, rtt_ns=2_000_000, host_ns=10**18 + 10 * 10**9)
+    stop = 10**18 + 5 * 10**9                          # host clock
+    resume_host = stop + 100_000_000                   # 100 ms later
+    resume_remote = resume_host - 605_100_000          # offset at t+5.1 s: -605.1 ms
+    iv = event_interval(stop, resume_remote, before, after)
+    assert iv["ms"] == pytest.approx(100, abs=0.01)
+    assert iv["uncertainty_ms"] == 1 and iv["drift_ms"] == -10
+
+
+def test_update_doc_replaces_only_the_generated_block(tmp_path: Path) -> None:
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Performance\n\n## Kernel\n\nkernel text\n")
+    report.update_doc(doc, f"{report.BEGIN}\nfirst\n{report.END}")
+    text = doc.read_text()
+    assert text.startswith("# Performance\n\n## Kernel\n\nkernel text\n\n" + report.SECTION)
+    # Prose around the block and the sections after it stay.
+    doc.write_text(text.replace(report.BEGIN, "hand-written prose\n\n" + report.BEGIN)
+                   + "\nafter the block\n\n## Another section\n\nother\n")
+    report.update_doc(doc, f"{report.BEGIN}\nsecond\n{report.END}")
+    text = doc.read_text()
+    assert "first" not in text and "second" in text
+    assert "hand-written prose" in text and "after the block" in text and text.endswith("## Another section\n\nother\n")
+    assert text.count(report.SECTION) == 1
+
+
+def test_table_marks_postcopy_only_rows() -> None:
+    records = [{"mode": "precopy", "ok": True, "total_ms": 1500, "bytes": 3e8, "verify_failures": 0},
+               {"mode": "postcopy", "ok": True, "total_ms": 1000, "bytes": 2e8, "verify_failures": 0,
+                "page_requests": {"requests": 10, "p50_ms": 2.0, "p99_ms": 9.0}},
+               {"mode": "postcopy", "ok": True, "total_ms": 3000, "bytes": 2e8, "verify_failures": 0,
+                "page_requests": {"requests": 30, "p50_ms": 4.0, "p99_ms": 11.0}}]
+    text = report.table(records, [("precopy", "pre-copy", False), ("postcopy", "postcopy-ram", True)])
+    assert "| total time, s (source `total-time`) | 1.5 | 2.0 (1.0-3.0) |" in text
+    assert "| page-request latency p50, ms | n/a | 3.0 (2.0-4.0) |" in text
+    assert "| verify failures (BAD pages, all passes, both sides) | 0 in 1 runs | 0 in 2 runs |" in text
+
+
+def test_postcopy_preempt_run_in_the_host_topology(tmp_path: Path, guest: GuestImage) -> None:
+    """One migration through the benchmark's own path: agent, QMP and serial over
+    TCP, capabilities before migrate-incoming, trace-based request latency."""
+    mode = MODES["postcopy-preempt"]()
+    settings = Settings(passes_after=1, boot_timeout=120, migrate_timeout=120, verify_timeout=120)
+
+    async def go() -> dict[str, object]:
+        async with HostTopology(tmp_path / "bench") as topo:
+            return await run_once(topo, mode, guest, settings, 1, tmp_path / "run")
+
+    rec = asyncio.run(go())
+    assert rec["ok"], rec.get("error") or rec.get("problems")
+    assert rec["verify_failures"] == 0
+    assert isinstance(rec["stop_resume_ms"], float) and 0 < rec["stop_resume_ms"] < 5000
+    requests = rec["page_requests"]
+    assert isinstance(requests, dict) and requests["requests"] > 0 and requests["p50_ms"] is not None
+    assert rec["blocktime_ms"] is not None
