@@ -77,7 +77,7 @@ kmod-strict: apt venv
 	$(PY) setup.py -q build_kmod --strict
 
 lint: abi
-	$(VENV)/bin/ruff check daemon tests setup.py
+	$(VENV)/bin/ruff check daemon tests bench setup.py
 	$(VENV)/bin/mypy
 
 unit: abi

@@ -48,7 +48,8 @@ def main() -> int:
                 results.append(run("fill", kind, FILL_BYTES, batch))
 
     def pick(test: str, kind: str, batch: int | None = None) -> list[dict[str, object]]:
-        return [r for r in results if r["test"] == test and r["kind"] == kind and (batch is None or r["batch"] == batch)]
+        return [r for r in results
+                if r["test"] == test and r["kind"] == kind and (batch is None or r["batch"] == batch)]
 
     lines = [f"Machine: {platform.machine()}, kernel {platform.release()}, {args.runs} runs, medians.", ""]
     lines += ["| fault round trip | p50 µs | p90 µs | p99 µs |", "| --- | ---: | ---: | ---: |"]
@@ -57,11 +58,12 @@ def main() -> int:
         lines.append(f"| {kind} ({args.faults} faults) | {median(rs, 'p50_us'):.1f} | {median(rs, 'p90_us'):.1f} "
                      f"| {median(rs, 'p99_us'):.1f} |")
     ratio = [median(pick("roundtrip", "umem"), k) / median(pick("roundtrip", "uffd"), k) for k in ("p50_us", "p99_us")]
-    lines.append(f"| umem / uffd | {ratio[0]:.2f}× | | {ratio[1]:.2f}× |")
-    lines += ["", "| bulk fill, 256 MiB | umem MiB/s | UFFDIO_COPY MiB/s | umem / uffd |", "| --- | ---: | ---: | ---: |"]
+    lines.append(f"| umem / uffd | {ratio[0]:.2f}x | | {ratio[1]:.2f}x |")
+    lines += ["", "| bulk fill, 256 MiB | umem MiB/s | UFFDIO_COPY MiB/s | umem / uffd |",
+              "| --- | ---: | ---: | ---: |"]
     for batch in BATCHES:
         umem, uffd = (median(pick("fill", k, batch), "mib_per_s") for k in KINDS)
-        lines.append(f"| {batch >> 10} KiB batches | {umem:.0f} | {uffd:.0f} | {umem / uffd:.2f}× |")
+        lines.append(f"| {batch >> 10} KiB batches | {umem:.0f} | {uffd:.0f} | {umem / uffd:.2f}x |")
     print("\n".join(lines))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

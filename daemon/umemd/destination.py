@@ -16,6 +16,7 @@ instance's node (the memory stays with QEMU's mapping) and returns.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import selectors
 import threading
@@ -23,7 +24,18 @@ import time
 
 from umemd.device import Control, Server
 from umemd.errors import ConnectError, InstanceExistsError, ProtocolError, UmemError
-from umemd.protocol import MAX_HAVE_PAGES, PAGE_SIZE, Channel, Closed, Done, ErrorCode, Info, PeerError, Zero
+from umemd.protocol import (
+    MAX_HAVE_PAGES,
+    MAX_REQUEST_PAGES,
+    PAGE_SIZE,
+    Channel,
+    Closed,
+    Done,
+    ErrorCode,
+    Info,
+    PeerError,
+    Zero,
+)
 from umemd.protocol import Pages as PagesEvent
 from umemd.stats import PullStats
 from umemd.transport import Dialer, Link
@@ -149,10 +161,12 @@ class Puller:
 
     def _request_stragglers(self, link: Link) -> None:
         """After the push is done, ask on demand for pages still missing (pages
-        the source sent on a demand link that dropped before they arrived)."""
+        the source sent on a demand link that dropped before they arrived),
+        one REQUEST frame at a time so the link never clogs with requests."""
         if not self._push_done.is_set() or self._inflight:
             return
-        missing = [page * PAGE_SIZE for page in self.server.missing_pages()]
+        first_missing = itertools.islice(self.server.missing_pages(), MAX_REQUEST_PAGES)
+        missing = [page * PAGE_SIZE for page in first_missing]
         if missing:
             log.info("asking on demand for %d pages the push did not deliver", len(missing))
             now = time.monotonic()
@@ -234,6 +248,7 @@ class Puller:
         for first in range(0, self.server.pages, MAX_HAVE_PAGES):
             count = min(MAX_HAVE_PAGES, self.server.pages - first)
             link.send(link.conn.send_have(first, bitmap[first // 8:first // 8 + (count + 7) // 8], count))
+        log.info("push channel: told the source which %d pages are present", self.present())
 
 
 def open_instance(control: Control, name: str, size: int) -> tuple[Server, bool]:

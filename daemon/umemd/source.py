@@ -95,6 +95,9 @@ class PageServer:
                     link.flush()
             except OSError as e:
                 log.warning("%s channel to %s lost: %s", channel.name.lower(), link.peer, e)
+            except Exception:
+                log.exception("%s channel: unexpected error (a bug); dropping the connection",
+                              channel.name.lower())
             finally:
                 link.close()
 
@@ -125,7 +128,7 @@ class PageServer:
         covered = 0
         events = link.events()
         while covered < self.ram.pages:
-            event = next(events)
+            event = next(events, Closed())
             if isinstance(event, PeerError | Closed):
                 self._log_end(link, event)
                 return
@@ -135,6 +138,8 @@ class PageServer:
             covered += event.count
         with self._lock:
             self._sent = sent
+        log.info("push channel: the destination has %d pages; pushing the other %d",
+                 self.ram.pages - sent.count(0), sent.count(0))
         self.released.wait()
         pushed = self._push_all(link)
         self.stats.pushed_pages += pushed

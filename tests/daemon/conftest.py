@@ -19,6 +19,7 @@ from tests.kernel.conftest import IN_VM, load_module
 from umemd import Control, InstanceNotFoundError, node_path
 from umemd.device import CONTROL_PATH
 
+LOGS = Path(__file__).resolve().parents[2] / "build" / "daemon-logs"
 MIB = 1 << 20
 PAGE = 4096
 SOURCE_SIZE = 256 * MIB
@@ -120,7 +121,10 @@ class Migration:
         return d
 
     def log_path(self, kind: str) -> Path:
-        return self.tmp / f"{kind}-{sum(d.log.name.startswith(kind) for d in self.daemons) + 1}.log"
+        """Logs go to build/daemon-logs/<test>/ in the checkout, kept after the VM is gone."""
+        directory = LOGS / self.name
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory / f"{kind}-{sum(d.log.name.startswith(kind) for d in self.daemons) + 1}.log"
 
     def guest(self, pattern: str, threads: int = 4, touches: int = 200) -> subprocess.Popen[str]:
         return subprocess.Popen([sys.executable, "-m", "tests.daemon.guest", str(node_path(self.name)),
@@ -154,12 +158,17 @@ def wait_for(condition: object, what: str, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+def instance_name(test: str) -> str:
+    """A valid, unique instance name for a test (parametrized ones included)."""
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in test)
+    return f"d{os.getpid()}-{cleaned[-48:]}"
+
+
 @pytest.fixture
 def migration(tmp_path: Path, source_file: Path, key_file: Path, request: pytest.FixtureRequest) -> Iterator[Migration]:
-    m = Migration(tmp_path, source_file, key_file, f"d{os.getpid()}-{request.node.name[:30].replace('[', '-')}"
-                  .replace("]", ""))
+    m = Migration(tmp_path, source_file, key_file, instance_name(request.node.name))
     yield m
     m.cleanup()
     for d in m.daemons:
         if d.log.exists():
-            sys.stdout.write(f"--- {d.log.name}\n{d.text()[-3000:]}\n")
+            sys.stdout.write(f"--- {d.log.name}\n{d.text()[:3000]}\n...\n{d.text()[-3000:]}\n")

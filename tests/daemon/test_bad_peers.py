@@ -1,0 +1,83 @@
+"""Bad peers: a wrong key, malformed and fuzzed input on live sockets. Each
+bad connection is closed with a logged reason; the daemon keeps serving
+and the migration still completes."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from umemd.protocol import HEADER, MAGIC, FrameType, frame
+
+from .conftest import PAGE, SOURCE_SIZE, Migration, wait_for
+from .test_pull import finish
+
+
+def send_raw(port: int, data: bytes) -> bytes:
+    """Send ``data`` to the daemon, return what it answered before closing."""
+    reply = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            while chunk := s.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass  # closed on us with our bytes unread: a refusal too
+    return reply
+
+
+def hello(version: int = 1, role: int = 1, channel: int = 1) -> bytes:
+    return frame(FrameType.HELLO, struct.pack("!8sHBBI16s", MAGIC, version, role, channel, 0, bytes(16)))
+
+
+def test_a_wrong_key_gets_no_page(migration: Migration, tmp_path: Path) -> None:
+    pull = migration.pull()
+    wrong = tmp_path / "wrong-key"
+    wrong.write_text("ab" * 32 + "\n")
+    impostor = migration.serve(key=wrong)
+    wait_for(lambda: pull.text().count("authentication failed") >= 2, "two refused handshakes")
+    assert migration.present() == 0
+    assert "authentication failed" in impostor.text()
+    impostor.kill()
+    guest = migration.guest("sequential", threads=2, touches=50)
+    migration.serve()
+    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE
+
+
+def test_malformed_connections_are_closed_and_logged(migration: Migration) -> None:
+    pull = migration.pull()
+    cases = {
+        b"GET / HTTP/1.0\r\n\r\n" * 3: "did not start with a umem HELLO",
+        hello(version=9): "protocol version 9",
+        hello(role=2): "expected a source",
+        hello() + HEADER.pack(FrameType.PAGES, 0, 0, 1 << 30): "not allowed",
+        hello()[:20]: "closed before its HELLO",
+    }
+    for data, reason in cases.items():
+        send_raw(migration.port, data)
+        wait_for(lambda reason=reason: reason in pull.text(), f"the log to say {reason!r}")
+    assert pull.proc.poll() is None and migration.present() == 0
+    guest = migration.guest("random", threads=2, touches=50)
+    migration.serve()
+    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE
+
+
+def test_fuzzed_connections_never_stop_the_daemons(migration: Migration) -> None:
+    pull = migration.pull()
+
+    @settings(max_examples=40, deadline=None, database=None)
+    @given(st.one_of(st.binary(max_size=256), st.binary(max_size=64).map(lambda tail: hello() + tail)))
+    def fuzz(data: bytes) -> None:
+        send_raw(migration.port, data)
+        assert pull.proc.poll() is None
+
+    fuzz()
+    assert migration.present() == 0
+    guest = migration.guest("strided", threads=2, touches=50)
+    migration.serve()
+    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE
