@@ -137,13 +137,15 @@ class Puller:
             selector.register(self.server.fileno(), selectors.EVENT_READ, "faults")
             selector.register(link.sock, selectors.EVENT_READ, "link")
             while not self.done.is_set():
-                ready = selector.select(CHECK_INTERVAL)
+                ready = [] if link.pending else selector.select(CHECK_INTERVAL)
+                if link.pending and not self._receive(link):
+                    return
                 for key, _ in ready:
                     if key.data == "faults":
                         self._request_faults(link)
                     elif not self._receive(link):
                         return
-                if not ready:
+                if not ready and not link.pending:
                     self._request_stragglers(link)
 
     def _request_faults(self, link: Link) -> None:
@@ -239,7 +241,7 @@ class Puller:
                 if self._check_complete():
                     link.send(link.conn.send_complete())
                     return True
-                if selector.select(CHECK_INTERVAL) and not self._receive(link):
+                if (link.pending or selector.select(CHECK_INTERVAL)) and not self._receive(link):
                     return False
 
     def _send_have(self, link: Link) -> None:

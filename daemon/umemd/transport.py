@@ -69,6 +69,7 @@ class Link:
         self.peer = peer
         self.channel = conn.channel
         self.bytes_in = 0
+        self.pending: list[Event] = []  # events that arrived with the handshake's last bytes
 
     def send(self, *parts: bytes | memoryview) -> None:
         """Send every part, in order (one sendmsg, then the rest if it was short)."""
@@ -88,7 +89,11 @@ class Link:
             self.send(data)
 
     def receive(self) -> list[Event]:
-        """Read once (blocking) and return the events it completes; [Closed()] at end of file."""
+        """Events already received, or else read once (blocking) and return the
+        events it completes; [Closed()] at end of file."""
+        if self.pending:
+            events, self.pending = self.pending, []
+            return events
         n = self.sock.recv_into(self.conn.receive_buffer())
         self.bytes_in += n
         self.conn.received(n)
@@ -128,9 +133,10 @@ def _handshake(sock: socket.socket, role: Role, key: bytes, peer: str, channel: 
                 events.append(event)
             link.flush()
         while True:
-            for event in events:
+            for i, event in enumerate(events):
                 if isinstance(event, Authenticated):
                     sock.settimeout(None)
+                    link.pending = events[i + 1:]  # e.g. the source's INFO, in the same segment
                     return link
                 raise RemoteProtocolError(f"{type(event).__name__} before the handshake finished")
             events = link.receive()
