@@ -133,4 +133,5 @@ clean:
 # The daemon suite (umemd serve/pull on the real device), inside the VM.
 test-daemon: abi kmod
 	$(PY) -m compileall -q daemon tests
-	$(VM) $(VM_KERNEL_ARGS) --console-log $(BUILD)/vm-daemon-console.log -- $(PY) -m pytest tests/daemon $(PYTEST_ARGS)
+	$(VM) $(VM_KERNEL_ARGS) --timeout 1500 --console-log $(BUILD)/vm-daemon-console.log -- \
+		$(PY) -m pytest tests/daemon $(PYTEST_ARGS)

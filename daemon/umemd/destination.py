@@ -116,6 +116,13 @@ class Puller:
             link.close()
         return None
 
+    def _link_ended(self, link: Link) -> None:
+        link.close()
+        if not self.done.is_set():
+            self.stats.reconnects += 1
+            log.info("%s channel ended before every page was present: waiting for the source again",
+                     link.channel.name.lower())
+
     # ---- demand ---------------------------------------------------------------
 
     def _demand_loop(self) -> None:
@@ -124,9 +131,8 @@ class Puller:
                 self._serve_faults(link)
             except (ProtocolError, OSError) as e:
                 log.warning("demand channel lost: %s; reconnecting", e)
-                self.stats.reconnects += 1
             finally:
-                link.close()
+                self._link_ended(link)
 
     def _serve_faults(self, link: Link) -> None:
         with self._lock:
@@ -229,9 +235,8 @@ class Puller:
                     return
             except (ProtocolError, OSError) as e:
                 log.warning("push channel lost: %s; reconnecting", e)
-                self.stats.reconnects += 1
             finally:
-                link.close()
+                self._link_ended(link)
 
     def _pull_stream(self, link: Link) -> bool:
         """Fill the push stream; True once every page is present (COMPLETE sent)."""

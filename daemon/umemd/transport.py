@@ -73,6 +73,10 @@ class Link:
 
     def send(self, *parts: bytes | memoryview) -> None:
         """Send every part, in order (one sendmsg, then the rest if it was short)."""
+        if isinstance(self.sock, ssl.SSLSocket):  # no sendmsg over TLS
+            for part in parts:
+                self.sock.sendall(part)
+            return
         pending = [memoryview(p) for p in parts if len(p)]
         while pending:
             sent = self.sock.sendmsg(pending)
