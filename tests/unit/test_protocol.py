@@ -218,4 +218,9 @@ def test_any_corrupted_byte_is_caught_or_harmless(position: int, value: int) -> 
     except RemoteProtocolError:
         assert dst.state is State.ERROR
     else:
-        assert all(isinstance(e, Zero) and e.offset + e.count * PAGE_SIZE <= RAM for e in got)
+        # No checksum in the frame (TCP's and TLS's cover that): a byte can turn
+        # it into another valid frame, but never into one the codec should refuse.
+        for e in got:
+            assert isinstance(e, Zero | Done)
+            if isinstance(e, Zero):
+                assert e.offset + e.count * PAGE_SIZE <= RAM
