@@ -56,7 +56,7 @@ def test_malformed_connections_are_closed_and_logged(migration: Migration) -> No
         hello(version=9): "protocol version 9",
         hello(role=2): "expected a source",
         hello() + HEADER.pack(FrameType.PAGES, 0, 0, 1 << 30): "exceeds its limit",
-        hello() + HEADER.pack(FrameType.PAGES, 0, 0, 16): "PAGES is not allowed",
+        hello() + HEADER.pack(FrameType.PAGES, 0, 0, 16) + bytes(16): "PAGES is not allowed",
         hello()[:20]: "closed before its HELLO",
     }
     for data, reason in cases.items():
