@@ -21,6 +21,7 @@ import logging
 import selectors
 import threading
 import time
+from collections.abc import Callable
 
 from umemd.device import Control, Server
 from umemd.errors import ConnectError, InstanceExistsError, ProtocolError, UmemError
@@ -87,9 +88,9 @@ class Puller:
             self.done.set()
         return self.done.is_set()
 
-    def _guard(self, loop: object) -> None:
+    def _guard(self, loop: Callable[[], None]) -> None:
         try:
-            loop()  # type: ignore[operator]
+            loop()
         except BaseException as e:  # a bug or a fatal mismatch: stop everything
             self.failed = e
             self.done.set()

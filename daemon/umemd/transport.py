@@ -125,7 +125,9 @@ def _handshake(sock: socket.socket, role: Role, key: bytes, peer: str, channel: 
     hello = b""
     if channel is None:
         hello = _read_hello(sock)
-        channel = Channel(hello[HEADER.size + 11]) if hello[HEADER.size + 11] in (1, 2) else Channel.DEMAND
+        named = hello[HEADER.size + 11]  # the channel byte of the HELLO payload
+        # An invalid channel still gets a codec, which then refuses that HELLO with the reason.
+        channel = Channel(named) if named in {c.value for c in Channel} else Channel.DEMAND
     conn = Connection(role, channel, key)
     link = Link(sock, conn, peer)
     try:
