@@ -106,14 +106,21 @@ void umem_get(struct umem_instance *inst)
 	kref_get(&inst->kref);
 }
 
+/* Free queued fault records; @list is private to the caller. */
+void umem_free_requests(struct list_head *list)
+{
+	struct umem_request *req, *tmp;
+
+	list_for_each_entry_safe(req, tmp, list, node)
+		kfree(req);
+}
+
 static void umem_instance_free(struct kref *kref)
 {
 	struct umem_instance *inst = container_of(kref, struct umem_instance, kref);
-	struct umem_request *req, *tmp;
 	bool pinned = inst->shmem;
 
-	list_for_each_entry_safe(req, tmp, &inst->queue, node)
-		kfree(req);
+	umem_free_requests(&inst->queue);
 	if (inst->shmem)
 		fput(inst->shmem);
 	kvfree(inst->present);
@@ -155,7 +162,6 @@ void umem_mark_dead(struct umem_instance *inst)
  */
 void umem_reset_requests(struct umem_instance *inst)
 {
-	struct umem_request *req, *tmp;
 	LIST_HEAD(dropped);
 
 	spin_lock(&inst->queue_lock);
@@ -164,8 +170,7 @@ void umem_reset_requests(struct umem_instance *inst)
 	WRITE_ONCE(inst->generation, inst->generation + 1);
 	spin_unlock(&inst->queue_lock);
 
-	list_for_each_entry_safe(req, tmp, &dropped, node)
-		kfree(req);
+	umem_free_requests(&dropped);
 	wake_up_all(&inst->fault_wq);
 }
 

@@ -26,14 +26,6 @@ static bool umem_server_readable(struct umem_instance *inst)
 	return !list_empty_careful(&inst->queue) || READ_ONCE(inst->dead);
 }
 
-static void umem_free_requests(struct list_head *list)
-{
-	struct umem_request *req, *tmp;
-
-	list_for_each_entry_safe(req, tmp, list, node)
-		kfree(req);
-}
-
 /*
  * Move up to @max records off the queue onto @taken, dropping those whose
  * page is present already, and describe them in @out.

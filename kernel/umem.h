@@ -99,6 +99,7 @@ bool umem_page_present(struct umem_instance *inst, pgoff_t pgoff);
 void umem_mark_dead(struct umem_instance *inst);
 void umem_reset_requests(struct umem_instance *inst);
 void umem_forget_request(struct umem_instance *inst, pgoff_t pgoff);
+void umem_free_requests(struct list_head *list);
 extern const struct file_operations umem_node_fops;
 
 /* control.c */
