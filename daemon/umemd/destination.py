@@ -204,17 +204,15 @@ class Puller:
     def _fill(self, event: PagesEvent | Zero, *, demand: bool) -> None:
         if isinstance(event, PagesEvent):
             result = self.server.fill([(event.offset, event.data)])
-            count = event.count
         else:
             result = self.server.zero(event.offset, event.count * PAGE_SIZE)
-            count = event.count
             self.stats.zero_pages += result.done
         if demand:
             self.stats.demand_pages += result.done
         else:
             self.stats.pushed_pages += result.done
         self.stats.skipped_pages += result.skipped
-        self._served(event.offset, count)
+        self._served(event.offset, event.count)
 
     def _served(self, offset: int, count: int) -> None:
         now = time.monotonic()
