@@ -65,7 +65,8 @@ setup(
     packages=["umemd"],
     package_data={"umemd": ["py.typed"]},
     cffi_modules=["daemon/umemd/_abi_build.py:ffibuilder"],
-    install_requires=["cffi>=1.17", "pyudev>=0.24"],
+    install_requires=["cffi>=1.17", "pyudev>=0.24", "qemu.qmp>=0.0.5"],
+    extras_require={"plot": ["matplotlib>=3.6"]},  # umemd migrate --plot
     entry_points={"console_scripts": ["umemd = umemd.cli:main"]},
     cmdclass={"build_kmod": BuildKmod},
 )

@@ -24,6 +24,8 @@ guest); then one JSON object per line in each direction, a request
 - ``poll`` name: ``{"returncode": null | N}``;
 - ``stop`` name, [grace]: SIGTERM, then SIGKILL after ``grace`` seconds;
   ``{"returncode": N}``;
+- ``signal`` name, signum: send a signal (e.g. 9, to kill a daemon mid-run);
+  ``{}``;
 - ``run`` argv, [limit]: run to completion (killed after ``limit`` seconds);
   ``{"returncode", "output"}``;
 - ``read`` path, [offset], [max]: ``{"data": base64, "size": N}``;
@@ -94,6 +96,10 @@ class Agent:
     def op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
         proc = self._proc(req)
         return {"returncode": stop(proc, float(req.get("grace", 10)))}
+
+    def op_signal(self, req: dict[str, Any]) -> dict[str, Any]:
+        self._proc(req).send_signal(int(req["signum"]))
+        return {}
 
     def op_run(self, req: dict[str, Any]) -> dict[str, Any]:
         p = subprocess.run([str(a) for a in req["argv"]], stdin=subprocess.DEVNULL,

@@ -1,4 +1,4 @@
-"""The umemd command line: serve, pull, keygen, list, stats, destroy.
+"""The umemd command line: serve, pull, migrate, keygen, list, stats, destroy.
 
 Exit codes: 0 success, 1 an operation failed (the message says what and
 how to fix it), 2 bad usage, 3 the umem module is not loaded.
@@ -7,6 +7,7 @@ how to fix it), 2 bad usage, 3 the umem module is not loaded.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -19,13 +20,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from umemd.destination import Puller, open_instance
-from umemd.device import CONTROL_PATH, Control
+from umemd.device import CONTROL_PATH, Control, node_path
 from umemd.errors import ModuleNotLoadedError, UmemError
+from umemd.migrate import MigrateOptions, QmpAddress, migrate, summary, terminal_progress, write_plot
 from umemd.protocol import Role
 from umemd.qmpwatch import release_when_stopped
 from umemd.ramfile import RamFile
 from umemd.source import PREPAGE, PageServer
 from umemd.stats import PullStats
+from umemd.status import StatusServer
 from umemd.transport import Dialer, Endpoint, TlsFiles
 
 log = logging.getLogger("umemd")
@@ -149,6 +152,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    incoming = args.incoming or "tcp:0.0.0.0:" + args.uri.rpartition(":")[2]
+    opts = MigrateOptions(args.src_qmp, args.dst_qmp, args.dst_status, args.uri, incoming,
+                          ready_timeout=args.ready_timeout, timeout=args.timeout,
+                          progress=None if args.quiet else terminal_progress())
+    report = asyncio.run(migrate(opts))
+    if opts.progress and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    print(summary(report), flush=True)
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        write_plot(report, args.plot)
+        log.info("plot written to %s", args.plot)
+    return 0
+
+
 def wait_for_module(seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not CONTROL_PATH.exists() and time.monotonic() < deadline:
@@ -164,20 +184,35 @@ def cmd_pull(args: argparse.Namespace) -> int:
         stats = PullStats(args.name, server.pages, attached=attached)
         dialer = dialer_for(args, Role.DESTINATION, stop)
         puller = Puller(control, server, dialer, stats)
+        status = StatusServer(args.status, lambda: status_line(puller, puller.state)) if args.status else None
         progress = Progress(puller, sys.stderr.isatty() and not args.quiet)
         progress.start()
+        if status:
+            status.start()
+        state = "failed"
         try:
             puller.run()
+            state = "complete"
         finally:
             progress.stop()
             stop.set()
             dialer.close()
             present = server.stats().present
+            if status:
+                status.finish(status_line(puller, state, present))
             if args.report:
                 stats.write_report(args.report, present)
             server.close()
     log.info("%s", stats.progress_line(present))
     return 0
+
+
+def status_line(puller: Puller, state: str, present: int | None = None) -> dict[str, object]:
+    """One line of the status endpoint (umemd.status)."""
+    if present is None:
+        present = puller.present()
+    return {"time": time.time(), "name": puller.server.name, "node": str(node_path(puller.server.name)),
+            "state": state, **puller.stats.report(present)}
 
 
 class Progress(threading.Thread):
@@ -240,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait this long for the umem module to be loaded (default: fail at once)")
     p.add_argument("--report", type=Path, metavar="FILE.json",
                    help="write counts, bytes, durations and the fault-latency histogram here")
+    p.add_argument("--status", type=Endpoint.parse, metavar="HOST:PORT",
+                   help="serve progress as JSON lines to whoever connects here, every 0.25 s and a last line "
+                   "at the end (umemd migrate --dst-status reads it; read-only, but bind it to a trusted "
+                   "network)")
     p.add_argument("--quiet", action="store_true", help="no progress line on a terminal")
     p.set_defaults(func=cmd_pull)
 
@@ -259,6 +298,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap the background push (default: as fast as the link goes; demand is never capped)")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="write what was sent here")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("migrate", help="drive one post-copy migration between two QEMUs",
+                       description="Migrate a running guest to a destination QEMU whose RAM is a umem instance. "
+                       "Checks that `umemd pull` answers on --dst-status and that the destination QEMU (started "
+                       "with -postcopy -incoming defer) maps that instance; turns x-ignore-shared on on both "
+                       "sides if -postcopy did not; then migrate-incoming, migrate, and follows the pull to the "
+                       "last page. Start `umemd serve RAMFILE --qmp SOCKET` on the source first: it sends no "
+                       "page before the source guest stops. Prints STOP->RESUME, the time until the last page, "
+                       "pages demanded/pushed/hinted, bytes and fault latency. Starts nothing itself; exits 0 "
+                       "once every page is present.")
+    p.add_argument("--src-qmp", type=QmpAddress, required=True, metavar="SOCKET",
+                   help="the source QEMU's QMP: a Unix socket path or HOST:PORT (a monitor of its own; "
+                   "umemd serve --qmp needs another)")
+    p.add_argument("--dst-qmp", type=QmpAddress, required=True, metavar="SOCKET",
+                   help="the destination QEMU's QMP: a Unix socket path or HOST:PORT")
+    p.add_argument("--dst-status", type=Endpoint.parse, required=True, metavar="HOST:PORT",
+                   help="the status endpoint of the destination's umemd pull (its --status)")
+    p.add_argument("--uri", required=True, metavar="URI",
+                   help="where the source sends the migration stream, e.g. tcp:DESTHOST:4444")
+    p.add_argument("--incoming", metavar="URI",
+                   help="what the destination listens on (migrate-incoming; default tcp:0.0.0.0:PORT with "
+                   "--uri's port)")
+    p.add_argument("--ready-timeout", type=float, default=30, metavar="SECONDS",
+                   help="how long to wait for umemd pull's status endpoint to answer (default 30)")
+    p.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
+                   help="give up if the last page is not present this long after migrate (default 3600)")
+    p.add_argument("--report", type=Path, metavar="FILE.json",
+                   help="write the report, with the pull's status over time, here")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="plot pages present, faults per second and fault latency over time here")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("keygen", help="write a new random key file",
                        description="Write 32 random bytes, hex, to FILE (mode 0600; FILE must not exist).")

@@ -63,6 +63,7 @@ class Puller:
         self._inflight: dict[int, float] = {}  # page offset -> when its fault was read
         self._lock = threading.Lock()
         self._push_done = threading.Event()  # the source said DONE on the push channel
+        self.state = "ready"  # then "pulling" once a source is connected (the status endpoint's states)
 
     def run(self) -> None:
         """Pull until every page is present, then destroy the node."""
@@ -110,6 +111,7 @@ class Puller:
                             raise SizeMismatchError(
                                 f"the source serves {event.ram_size} bytes but instance {self.server.name!r} "
                                 f"has {self.server.size}: point umemd serve at this guest's RAM file")
+                        self.state = "pulling"
                         return link
                     break
             except (ProtocolError, OSError) as e:

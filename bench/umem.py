@@ -1,0 +1,302 @@
+"""umem in the end-to-end topology: the two daemons and the QEMU arguments
+around one migration, for ``make demo``, the e2e tests and ``make bench-e2e``.
+
+Where everything runs (BRIEF §5, bench/topology.py):
+
+- host (source): the source QEMU, its RAM a shared file in /dev/shm, with
+  ``-postcopy`` and two extra QMP sockets (one for ``umemd serve --qmp``, one
+  for ``umemd migrate``); ``umemd serve`` connecting to the page channel's
+  forward; ``umemd migrate``;
+- test VM (destination): umem.ko (``insmod`` through the agent), ``umemd
+  pull`` listening on the page channel with its status endpoint, and the
+  destination QEMU mapping ``/dev/umem/<name>`` with ``-postcopy``, a QMP
+  port for ``umemd migrate`` besides the harness's own.
+
+Every connection goes from the host into the VM through slirp forwards:
+
+==============  ==========  ============================================
+name            guest port  what
+==============  ==========  ============================================
+umem-page       4447        ``umemd pull --listen``: demand and push channels
+umem-status     4448        ``umemd pull --status``
+umem-qmp        4449        the destination QEMU's second QMP (``umemd migrate``)
+==============  ==========  ============================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.qemu.harness import CHECKOUT, GuestImage, WorkloadLog
+from umemd.cli import parse_size
+from umemd.status import first_status
+from umemd.transport import Endpoint
+
+from .modes import Settings
+from .topology import HostVm, Topology
+
+PORTS = {"umem-page": 4447, "umem-status": 4448, "umem-qmp": 4449}
+VENV_PYTHON = CHECKOUT / ".venv" / "bin" / "python"
+KMOD = CHECKOUT / "kernel" / "umem.ko"
+
+
+def umemd_argv(*args: str) -> list[str]:
+    return [str(VENV_PYTHON), "-m", "umemd.cli", "-v", *args]
+
+
+async def load_module(topo: Topology) -> None:
+    """insmod umem.ko on the destination side, once."""
+    reply = await topo.agent.request("run", argv=["sh", "-c", f"test -e /dev/umem/control || insmod {KMOD}"])
+    if reply["returncode"]:
+        raise RuntimeError(f"insmod {KMOD} on the destination failed: {reply['output']}")
+
+
+@dataclass
+class UmemSide:
+    """The daemons and QEMU arguments of one umem migration (one instance name)."""
+
+    topo: Topology
+    workdir: Path                # host side; inside the checkout, so the VM sees it too
+    name: str
+    ram_bytes: int
+    key: Path = field(init=False)
+    ram_file: Path = field(init=False)
+    serve_proc: subprocess.Popen[bytes] | None = None
+    pulls: int = 0
+    serves: int = 0
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.key = self.workdir / "umem.key"
+        self.key.write_text(secrets.token_hex(32) + "\n")
+        self.ram_file = Path("/dev/shm") / f"umem-{self.name}-{os.getpid()}"
+
+    # ---- QEMU arguments ----------------------------------------------------------
+
+    def source_args(self) -> list[str]:
+        return ["-postcopy",
+                "-object", f"memory-backend-file,id=ram0,size={self.ram_bytes},mem-path={self.ram_file},share=on",
+                "-machine", "memory-backend=ram0",
+                "-qmp", f"unix:{self.serve_qmp},server=on,wait=off",
+                "-qmp", f"unix:{self.migrate_qmp},server=on,wait=off"]
+
+    def destination_args(self) -> list[str]:
+        return ["-postcopy",
+                "-object", f"memory-backend-file,id=ram0,size={self.ram_bytes},mem-path={self.node},share=on,"
+                           "postcopy-device=on",
+                "-machine", "memory-backend=ram0",
+                "-qmp", f"tcp:{self.topo.bind}:{self.topo.guest_port('umem-qmp')},server=on,wait=off"]
+
+    @property
+    def node(self) -> str:
+        return f"/dev/umem/{self.name}"
+
+    @property
+    def serve_qmp(self) -> Path:
+        return self.workdir / "src-serve.qmp"
+
+    @property
+    def migrate_qmp(self) -> Path:
+        return self.workdir / "src-migrate.qmp"
+
+    @property
+    def status(self) -> Endpoint:
+        return Endpoint("127.0.0.1", self.topo.host_port("umem-status"))
+
+    @property
+    def pull_name(self) -> str:
+        return f"{self.name}-pull-{self.pulls}"
+
+    @property
+    def pull_report_path(self) -> str:
+        return self.topo.remote_path(f"{self.name}-pull-{self.pulls}.json")
+
+    # ---- the daemons -------------------------------------------------------------
+
+    async def start_pull(self, ready_timeout: float = 120) -> dict[str, Any]:
+        """Start (or restart) ``umemd pull`` in the VM; return its first status line."""
+        self.pulls += 1
+        bind = self.topo.bind
+        await self.topo.agent.request("spawn", name=self.pull_name, cwd=str(CHECKOUT), argv=umemd_argv(
+            "pull", self.name, "--size", str(self.ram_bytes),
+            "--listen", f"{bind}:{self.topo.guest_port('umem-page')}", "--key-file", str(self.key),
+            "--status", f"{bind}:{self.topo.guest_port('umem-status')}", "--report", self.pull_report_path))
+        return await first_status(self.status, ready_timeout)
+
+    async def kill_pull(self) -> None:
+        """SIGKILL the running pull (the instance and its missing pages stay)."""
+        await self.topo.agent.request("signal", name=self.pull_name, signum=int(signal.SIGKILL))
+        await self.topo.agent.request("stop", name=self.pull_name, grace=10)
+
+    def start_serve(self, *extra: str) -> subprocess.Popen[bytes]:
+        """Start (or restart) ``umemd serve`` on the host; it holds pages until the source stops."""
+        self.serves += 1
+        out = (self.workdir / f"serve-{self.serves}.log").open("wb")
+        self.serve_proc = subprocess.Popen(
+            [sys.executable, "-m", "umemd.cli", "-v", "serve", str(self.ram_file),
+             "--connect", f"127.0.0.1:{self.topo.host_port('umem-page')}", "--key-file", str(self.key),
+             "--qmp", str(self.serve_qmp), "--report", str(self.workdir / f"serve-{self.serves}.json"), *extra],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=CHECKOUT)
+        out.close()
+        return self.serve_proc
+
+    def kill_serve(self) -> None:
+        assert self.serve_proc is not None
+        self.serve_proc.send_signal(signal.SIGKILL)
+        self.serve_proc.wait()
+
+    def migrate_argv(self, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "umemd.cli", "migrate", "--src-qmp", str(self.migrate_qmp),
+                "--dst-qmp", f"127.0.0.1:{self.topo.host_port('umem-qmp')}", "--dst-status", str(self.status),
+                "--uri", f"tcp:127.0.0.1:{self.topo.host_port('migration')}",
+                "--incoming", f"tcp:{self.topo.bind}:{self.topo.guest_port('migration')}", *extra]
+
+    async def pull_report(self) -> dict[str, Any]:
+        data = await self.topo.agent.read_file(self.pull_report_path)
+        report: dict[str, Any] = json.loads(data)
+        return report
+
+    async def wait_pull(self, timeout: float = 60) -> int:
+        """Wait for the current pull to exit; its exit status."""
+        deadline = time.monotonic() + timeout
+        while (rc := (await self.topo.agent.request("poll", name=self.pull_name))["returncode"]) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.pull_name} still running after {timeout} s")
+            await asyncio.sleep(0.5)
+        return int(rc)
+
+    async def stop(self) -> None:
+        """Stop whatever still runs; save the daemons' logs in the workdir."""
+        if self.serve_proc is not None and self.serve_proc.poll() is None:
+            self.serve_proc.send_signal(signal.SIGTERM)
+            try:
+                self.serve_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill_serve()
+        for n in range(1, self.pulls + 1):
+            name = f"{self.name}-pull-{n}"
+            with contextlib.suppress(Exception):
+                await self.topo.agent.request("stop", name=name, grace=10)
+            with contextlib.suppress(Exception):
+                out = await self.topo.agent.read_file(f"{self.topo.agent.hello['workdir']}/{name}.out")
+                (self.workdir / f"pull-{n}.log").write_bytes(out)
+        with contextlib.suppress(Exception):
+            await self.topo.agent.request("run", argv=[str(VENV_PYTHON), "-m", "umemd.cli", "destroy", self.name])
+        self.ram_file.unlink(missing_ok=True)
+
+
+Inject = Callable[[UmemSide], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class E2eResult:
+    """One umem migration of the test guest, as ``umemd migrate`` and the guest saw it."""
+
+    report: dict[str, Any]                 # umemd migrate --report
+    migrate_output: str
+    src_log: WorkloadLog
+    dst_log: WorkloadLog
+    dst_query: dict[str, Any]              # the destination's query-migrate after completion
+    dst_status: str                        # its query-status
+    passes_after: int                      # destination verification passes begun after the last page
+
+    @property
+    def verify_failures(self) -> int:
+        return (self.src_log.total_bad + self.dst_log.total_bad + len(self.src_log.bad) + len(self.dst_log.bad)
+                + len(self.src_log.errors) + len(self.dst_log.errors))
+
+    def verdict(self) -> str:
+        ok = self.verify_failures == 0 and self.passes_after > 0 and self.dst_status == "running"
+        return (f"guest verification: {'PASS' if ok else 'FAIL'} ({self.passes_after} full passes over the "
+                f"workload on the destination after the last page, {self.verify_failures} bad pages or errors; "
+                f"destination {self.dst_status}, {len(self.dst_log.heartbeats)} heartbeats there)")
+
+
+async def migrate_guest(topo: Topology, guest: GuestImage, settings: Settings, workdir: Path, *,
+                        name: str = "vm0", serve_args: tuple[str, ...] = (), inject: Inject | None = None,
+                        echo: bool = False, plot: Path | None = None) -> E2eResult:
+    """Boot the test guest on the host, start pull, the destination QEMU and serve, then run
+    ``umemd migrate`` (its output echoed when ``echo``); ``inject`` runs beside it (fault injection)."""
+    side = UmemSide(topo, workdir, name, parse_size(settings.ram))
+    guest_args = ["-m", settings.ram, *guest.args(mib=settings.mib)]
+    report_path = workdir / "migrate.json"
+    await load_module(topo)
+    try:
+        async with HostVm(workdir, "src", [*guest_args, *side.source_args()]) as src:
+            await src.wait_serial(lambda log: len(log.verifies) >= 1, settings.boot_timeout,
+                                  "the source guest's first verification pass")
+            await side.start_pull()
+            dst_args = ["-incoming", "defer", *guest_args, *side.destination_args()]
+            async with topo.destination(f"dst-{name}", dst_args, workdir) as dst:
+                side.start_serve(*serve_args)
+                argv = side.migrate_argv("--report", str(report_path), *(["--plot", str(plot)] if plot else []))
+                output = await _run_migrate(argv, workdir / "migrate.log", echo, side, inject)
+                await asyncio.sleep(1.0)  # the serial stream catches up
+                base = len(dst.workload().verifies)
+                await dst.wait_serial(lambda log: len(log.verifies) >= base + settings.passes_after,
+                                      settings.verify_timeout, "verification passes after the last page")
+                dst_query = await dst.cmd("query-migrate")
+                status = (await dst.cmd("query-status"))["status"]
+                src_log, dst_log = src.workload(), dst.workload()
+    finally:
+        await side.stop()
+    return E2eResult(json.loads(report_path.read_text()), output, src_log, dst_log, dst_query, status,
+                     len(dst_log.verifies) - base)
+
+
+async def _run_migrate(argv: list[str], log_path: Path, echo: bool, side: UmemSide, inject: Inject | None) -> str:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT, cwd=CHECKOUT)
+    assert proc.stdout is not None
+    injected = asyncio.create_task(inject(side)) if inject else None
+    chunks = []
+    with log_path.open("wb") as log:
+        while data := await proc.stdout.read(4096):
+            chunks.append(data)
+            log.write(data)
+            log.flush()
+            if echo:
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+    rc = await proc.wait()
+    output = b"".join(chunks).decode(errors="replace")
+    if injected is not None:
+        await injected  # its failure (e.g. the pages were all there already) is the test's
+    if rc:
+        raise RuntimeError(f"umemd migrate exited {rc}:\n{output[-3000:]}")
+    return output
+
+
+async def wait_partly_present(side: UmemSide, low: float = 0.05, high: float = 0.8,
+                              timeout: float = 600) -> dict[str, Any]:
+    """Follow the pull's status until the source is serving and between ``low`` and ``high``
+    of the pages are present; the status line then (pages are still missing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError, TimeoutError):
+            reader, writer = await asyncio.open_connection(side.status.host, side.status.port, limit=1 << 20)
+            try:
+                while line := await asyncio.wait_for(reader.readline(), 10):
+                    status: dict[str, Any] = json.loads(line)
+                    share = status["present"] / status["pages"]
+                    if status["state"] == "pulling" and low <= share:
+                        if share > high:
+                            raise AssertionError(f"{share:.0%} of the pages were present before the fault could "
+                                                 f"be injected: slow the push (serve --max-push-rate)")
+                        return status
+            finally:
+                writer.close()
+        await asyncio.sleep(0.2)
+    raise TimeoutError("the pull never reached a partly present state")

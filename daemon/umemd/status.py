@@ -1,0 +1,144 @@
+"""The pull daemon's status endpoint: progress as JSON lines over TCP.
+
+``umemd pull --status HOST:PORT`` listens there; whoever connects (``umemd
+migrate --dst-status``) gets one JSON object per line every
+:data:`INTERVAL` seconds — the instance's name and node, the state, and the
+counters of :meth:`umemd.stats.PullStats.report` — and a last line with
+``"state": "complete"`` (or ``"failed"``) before the daemon exits. It is
+read-only: nothing a client sends is read. See docs/protocol.md.
+
+States: ``ready`` (the instance exists and faults are being collected; no
+source yet), ``pulling`` (a source is connected), ``complete``, ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from umemd.errors import ConnectError
+from umemd.transport import Endpoint
+
+log = logging.getLogger(__name__)
+
+INTERVAL = 0.25  # seconds between status lines
+SEND_TIMEOUT = 2.0  # a client that reads slower than this is dropped
+MAX_LINE = 1 << 20
+
+Snapshot = Callable[[], dict[str, Any]]
+
+
+class StatusServer(threading.Thread):
+    """Broadcasts ``snapshot()`` to every connected client until :meth:`finish`."""
+
+    def __init__(self, endpoint: Endpoint, snapshot: Snapshot) -> None:
+        super().__init__(name="umemd-status", daemon=True)
+        self.snapshot = snapshot
+        self._clients: list[socket.socket] = []
+        self._finished = threading.Event()
+        try:
+            self._listener = socket.create_server((endpoint.host, endpoint.port), reuse_port=False)
+        except OSError as e:
+            raise ConnectError(f"cannot listen for status clients on {endpoint}: {e.strerror or e}") from e
+        self._listener.settimeout(INTERVAL)
+
+    def run(self) -> None:
+        while not self._finished.is_set():
+            self._accept()
+            self._broadcast(self.snapshot())
+
+    def finish(self, last: dict[str, Any]) -> None:
+        """Send ``last`` to every client, close them and stop."""
+        self._finished.set()
+        self.join(INTERVAL * 4)
+        self._broadcast(last)
+        for client in self._clients:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_WR)
+            client.close()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        try:
+            client, peer = self._listener.accept()
+        except TimeoutError:
+            return
+        except OSError:
+            self._finished.wait(INTERVAL)
+            return
+        client.settimeout(SEND_TIMEOUT)
+        self._clients.append(client)
+        log.info("status client %s:%d connected", *peer[:2])
+
+    def _broadcast(self, doc: dict[str, Any]) -> None:
+        line = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+        for client in list(self._clients):
+            try:
+                client.sendall(line)
+            except OSError as e:
+                log.info("status client dropped: %s", e)
+                self._clients.remove(client)
+                client.close()
+
+
+async def read_status(endpoint: Endpoint, on_line: Callable[[dict[str, Any]], None], *,
+                      deadline: float) -> dict[str, Any]:
+    """Follow a pull daemon's status until it says ``complete`` or ``failed``.
+
+    Reconnects (the daemon may be restarted) until ``deadline`` (monotonic);
+    calls ``on_line`` with every line; returns the last one.
+    """
+    last: dict[str, Any] = {}
+    backoff = 0.1
+    while time.monotonic() < deadline:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(endpoint.host, endpoint.port, limit=MAX_LINE), 5)
+        except (OSError, TimeoutError):
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+            continue
+        try:
+            while line := await asyncio.wait_for(reader.readline(), max(1.0, deadline - time.monotonic())):
+                last = json.loads(line)
+                backoff = 0.1
+                on_line(last)
+                if last.get("state") in ("complete", "failed"):
+                    return last
+        except (OSError, TimeoutError, ValueError):
+            pass
+        finally:
+            writer.close()
+        await asyncio.sleep(backoff)
+    raise TimeoutError(f"umemd pull's status at {endpoint} did not report completion in time "
+                       f"(last state: {last.get('state', 'never answered')})")
+
+
+async def first_status(endpoint: Endpoint, timeout: float) -> dict[str, Any]:
+    """The first status line of the daemon at ``endpoint`` (it is up and holds its instance)."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(endpoint.host, endpoint.port, limit=MAX_LINE), 5)
+            try:
+                line = await asyncio.wait_for(reader.readline(), 5)
+            finally:
+                writer.close()
+            if line:
+                doc: dict[str, Any] = json.loads(line)
+                return doc
+            last_error = EOFError("closed without a status line")
+        except (OSError, TimeoutError, ValueError) as e:
+            last_error = e
+        await asyncio.sleep(0.5)
+    raise ConnectError(f"no umemd pull status at {endpoint} within {timeout:.0f} s ({last_error}): start "
+                       f"`umemd pull NAME --size SIZE --status {endpoint} ...` on the destination first")
