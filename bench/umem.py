@@ -168,6 +168,16 @@ class UmemSide:
         report: dict[str, Any] = json.loads(data)
         return report
 
+    async def missing_pages(self) -> int:
+        """Pages of the instance not present yet, from ``umemd list`` in the VM."""
+        reply = await self.topo.agent.request("run", argv=[str(VENV_PYTHON), "-m", "umemd.cli", "list", "--json"])
+        if reply["returncode"]:
+            raise RuntimeError(f"umemd list failed: {reply['output']}")
+        for instance in json.loads(reply["output"]):
+            if instance["name"] == self.name:
+                return int(instance["size"]) // 4096 - int(instance["present"])
+        raise RuntimeError(f"instance {self.name} is gone: {reply['output']}")
+
     async def wait_pull(self, timeout: float = 60) -> int:
         """Wait for the current pull to exit; its exit status."""
         deadline = time.monotonic() + timeout
@@ -201,7 +211,7 @@ Inject = Callable[[UmemSide], Coroutine[Any, Any, None]]
 
 
 @dataclass
-class E2eResult:
+class MigrationResult:
     """One umem migration of the test guest, as ``umemd migrate`` and the guest saw it."""
 
     report: dict[str, Any]                 # umemd migrate --report
@@ -226,7 +236,7 @@ class E2eResult:
 
 async def migrate_guest(topo: Topology, guest: GuestImage, settings: Settings, workdir: Path, *,
                         name: str = "vm0", serve_args: tuple[str, ...] = (), inject: Inject | None = None,
-                        echo: bool = False, plot: Path | None = None) -> E2eResult:
+                        echo: bool = False, plot: Path | None = None) -> MigrationResult:
     """Boot the test guest on the host, start pull, the destination QEMU and serve, then run
     ``umemd migrate`` (its output echoed when ``echo``); ``inject`` runs beside it (fault injection)."""
     side = UmemSide(topo, workdir, name, parse_size(settings.ram))
@@ -252,7 +262,7 @@ async def migrate_guest(topo: Topology, guest: GuestImage, settings: Settings, w
                 src_log, dst_log = src.workload(), dst.workload()
     finally:
         await side.stop()
-    return E2eResult(json.loads(report_path.read_text()), output, src_log, dst_log, dst_query, status,
+    return MigrationResult(json.loads(report_path.read_text()), output, src_log, dst_log, dst_query, status,
                      len(dst_log.verifies) - base)
 
 

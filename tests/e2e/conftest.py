@@ -64,7 +64,7 @@ def settings() -> Settings:
 @pytest.fixture
 def workdir(request: pytest.FixtureRequest) -> Path:
     """build/e2e/<test>: inside the checkout, so the VM sees it (the key file)."""
-    path = LOGS / request.node.name.replace("[", "-").replace("]", "")
+    path: Path = LOGS / str(request.node.name).replace("[", "-").replace("]", "")
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path

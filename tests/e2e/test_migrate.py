@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.modes import Settings
-from bench.umem import migrate_guest
+from bench.umem import MigrationResult, UmemSide, migrate_guest, wait_partly_present
 from tests.qemu.harness import GuestImage
 
 from .conftest import Driver
+
+SLOW_PUSH = ("--max-push-rate", "8")  # MiB/s: pages are still missing when the fault is injected
 
 
 def test_guest_runs_on_the_destination_while_its_ram_follows(vm: Driver, guest: GuestImage, settings: Settings,
@@ -27,3 +29,42 @@ def test_guest_runs_on_the_destination_while_its_ram_follows(vm: Driver, guest: 
     assert result.verify_failures == 0, result.verdict()
     assert result.passes_after >= 1
     assert (workdir / "migration.png").stat().st_size > 10_000
+
+
+def recovered(result: MigrationResult) -> None:
+    assert result.report["pages"]["present"] == result.report["pages"]["total"]
+    assert result.dst_status == "running"
+    assert result.verify_failures == 0, result.verdict()
+    assert result.passes_after >= 1
+
+
+def test_page_server_killed_and_restarted(vm: Driver, guest: GuestImage, settings: Settings, workdir: Path) -> None:
+    seen: dict[str, object] = {}
+
+    async def kill_and_restart_serve(side: UmemSide) -> None:
+        seen["status"] = await wait_partly_present(side)
+        side.kill_serve()
+        seen["pages missing"] = await side.missing_pages()
+        side.start_serve(*SLOW_PUSH)
+
+    result = vm.run(migrate_guest(vm.topo, guest, settings, workdir, serve_args=SLOW_PUSH,
+                                  inject=kill_and_restart_serve))
+    assert seen["pages missing"], seen
+    recovered(result)
+    assert result.report["reconnects"] >= 1
+
+
+def test_pull_killed_and_restarted(vm: Driver, guest: GuestImage, settings: Settings, workdir: Path) -> None:
+    seen: dict[str, object] = {}
+
+    async def kill_and_restart_pull(side: UmemSide) -> None:
+        seen["status"] = await wait_partly_present(side)
+        await side.kill_pull()
+        seen["pages missing"] = await side.missing_pages()
+        seen["restarted"] = await side.start_pull()
+
+    result = vm.run(migrate_guest(vm.topo, guest, settings, workdir, serve_args=SLOW_PUSH,
+                                  inject=kill_and_restart_pull))
+    assert seen["pages missing"], seen
+    assert result.report["daemon_attached"], "the restarted pull did not attach to the instance"
+    recovered(result)
