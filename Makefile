@@ -27,13 +27,16 @@ VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev kernel/60-
 -include qemu-patches/qemu.mk
 
 .PHONY: help setup apt venv abi kmod check lint unit kmod-strict dkms-check test test-kernel \
-	bench-kernel bench-kernel-profile demo clean
+	bench-kernel bench-kernel-profile demo demo-banner test-e2e clean
 
 help:
 	@echo "make demo         a real post-copy migration of a small guest, with a report"
 	@echo "make test         the whole suite: host checks, kernel suite in a VM, QEMU, end to end"
 	@echo "make check        fast host-only lane: lint, types, unit tests, module built with W=1"
 	@echo "make test-kernel  the kernel suite alone, inside a VM booting Debian's kernel"
+	@echo "make test-daemon  umemd serve/pull on the real device, inside the VM"
+	@echo "make test-e2e     real guests migrated into the VM with umem: normal, recovery, misuse"
+	@echo "make bench-e2e    umem vs pre-copy, postcopy-ram and postcopy-preempt, 3 runs each"
 	@echo "make bench-kernel umem fault round trip and fill throughput vs userfaultfd (one VM boot)"
 	@echo "make setup        install apt packages, the venv, the cffi binding and the module"
 
@@ -119,12 +122,23 @@ bench-kernel-profile: kmod $(BUILD)/fault_bench
 	@head -n 12 $(BUILD)/profile-*.txt
 
 
-test: check test-kernel test-daemon $(if $(QEMU_TESTS),test-qemu)
+test: check test-kernel test-daemon $(if $(QEMU_TESTS),test-qemu test-e2e)
 	@echo "make test: every lane passed"
 
-demo: setup
-	@echo "make demo: the end-to-end post-copy migration is not built yet (issue 5);"
-	@echo "           'make test' runs what exists: the umem device suite inside a VM."
+# End to end: the source guest on the host, the destination (umem.ko, umemd
+# pull, the patched QEMU) in the test VM, booted once for the whole suite.
+test-e2e: abi kmod qemu qemu-guest
+	$(PY) -m compileall -q daemon tests bench
+	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+demo-banner:
+	@echo "make demo: a post-copy migration of a small guest into a VM, with umem."
+	@echo "  The first run on a fresh machine sets everything up: Debian packages (~2 min),"
+	@echo "  the patched QEMU (~5-10 min), the test guest (~1 min). Later runs take ~2 min."
+
+demo: demo-banner setup qemu qemu-guest
+	$(PY) -m compileall -q daemon tests bench
+	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(PY) -m bench.demo
 
 clean:
 	$(MAKE) -C kernel clean
