@@ -1,13 +1,13 @@
-"""python -m bench.baseline: upstream QEMU migration in the end-to-end topology.
+"""python -m bench.baseline: QEMU migration modes side by side in the end-to-end topology.
 
-Boots the test VM once (destination side, see bench/topology.py), then runs
+The upstream three by default (``make bench-baseline``); with ``--modes
+precopy,postcopy,postcopy-preempt,umem --section race`` the four-way race of
+``make bench-e2e``. Boots the test VM once (destination side, see bench/topology.py), then runs
 every mode ``--runs`` times, interleaved (pre-copy 1, postcopy 1, preempt 1,
 pre-copy 2, ...), each with a fresh source and destination QEMU; prints medians
 with ranges, writes the raw records as JSON and the table as Markdown, and with
-``--update-doc`` replaces the generated block of the section
-"QEMU migration baseline (upstream, end-to-end topology)" in docs/performance.md.
-
-``make bench-baseline`` runs it (never part of ``make test``).
+``--update-doc`` replaces the generated block of the ``--section`` in
+docs/performance.md. Never part of ``make test``.
 """
 
 from __future__ import annotations
@@ -24,16 +24,21 @@ from typing import Any
 from tests.qemu.harness import CHECKOUT, guest_image, qemu_binary
 
 from . import report
-from .modes import MODES, Mode, Settings
+from .modes import MODES as UPSTREAM_MODES
+from .modes import Mode, Settings
 from .run import run_once
 from .topology import HostTopology, Topology, VmTopology
+from .umem import UmemMode
+
+MODES: dict[str, type[Mode]] = {**UPSTREAM_MODES, UmemMode.name: UmemMode}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__.splitlines()[0])
     p.add_argument("--topology", choices=("vm", "host"), default="vm",
                    help="vm: destination inside the test VM (default); host: both on the host (reference)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    p.add_argument("--modes", default=",".join(UPSTREAM_MODES),
+                   help=f"comma-separated, from {', '.join(MODES)} (default: the upstream three)")
     p.add_argument("--runs", type=int, default=3, help="runs per mode (default 3)")
     p.add_argument("--mib", type=int, default=192, help="workload MiB (default 192)")
     p.add_argument("--ram", default="512M", help="guest RAM (default 512M)")
@@ -48,7 +53,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=CHECKOUT / "build" / "bench-baseline.json",
                    help="raw results (default build/bench-baseline.json); the table goes next to it as .md")
     p.add_argument("--update-doc", type=Path, metavar="MARKDOWN",
-                   help="replace the generated block of the baseline section in this file")
+                   help="replace the generated block of --section in this file")
+    p.add_argument("--section", choices=report.BLOCKS, default="baseline",
+                   help="which section --update-doc writes: baseline (upstream modes, make bench-baseline) or "
+                   "race (with umem, make bench-e2e)")
     p.add_argument("--command", help="the command line to record in the results (default: this one)")
     p.add_argument("--from-json", type=Path, metavar="JSON",
                    help="no runs: print (and with --update-doc record) the table of an earlier result")
@@ -137,7 +145,8 @@ def main(argv: list[str]) -> int:
         modes = [MODES[n]() for n in names]
         command = args.command or "python -m bench.baseline " + shlex.join(argv)
         result = asyncio.run(bench(args, modes, command))
-    generated = report.block(result)
+    doc = report.BLOCKS[args.section]
+    generated = report.block(result, doc)
     md = args.out.with_suffix(".md") if not args.from_json else args.from_json.with_suffix(".md")
     md.write_text(generated + "\n")
     print()
@@ -145,8 +154,8 @@ def main(argv: list[str]) -> int:
     print(f"\nraw results: {args.out if not args.from_json else args.from_json}; table: {md}")
     ok = bool(result["records"]) and all(r.get("ok") for r in result["records"])
     if args.update_doc and ok:
-        report.update_doc(args.update_doc, generated)
-        print(f"updated the baseline section of {args.update_doc}")
+        report.update_doc(args.update_doc, generated, doc)
+        print(f"updated the section {doc.section!r} of {args.update_doc}")
     elif args.update_doc:
         print(f"some runs failed: {args.update_doc} left as it was", file=sys.stderr)
     return 0 if ok else 1

@@ -64,6 +64,24 @@ def _dist(values: list[float]) -> dict[str, float | None]:
             "p99_ms": percentile(values, 99), "max_ms": max(values), "mean_ms": statistics.fmean(values)}
 
 
+def daemon_requests(latency_log: str, faults: int, resume_ns: int | None = None,
+                    early_s: float = EARLY_S) -> PageRequests:
+    """The same numbers from ``umemd pull --latency-log`` (umem): one line per page asked of the
+    source, when its fault was read (Unix time, the destination's clock, like RESUME's
+    timestamp) and how long until it was filled. There is no separate request stage."""
+    latencies: list[float] = []
+    early: list[float] = []
+    early_end = None if resume_ns is None else resume_ns / 1e9 + early_s
+    for line in latency_log.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        at, micros = line.split()
+        latencies.append(int(micros) / 1000)
+        if early_end is not None and float(at) <= early_end:
+            early.append(int(micros) / 1000)
+    return PageRequests(faults, len(latencies), latencies, latencies, early, early_s)
+
+
 def page_requests(trace: str, resume_ns: int | None = None, early_s: float = EARLY_S,
                   page_size: int = 4096) -> PageRequests:
     """Each requested page: from the fault thread's read of its (latest) fault, or

@@ -5,13 +5,9 @@ extra command-line arguments each needs, what runs on the destination before
 ``migrate-incoming``, how the switch-over happens, and which numbers it adds.
 :mod:`bench.run` does the rest the same way for every mode.
 
-The three upstream modes are here. umem (the end-to-end issue) will be a
-fourth: ``extra_ports`` for its page channel, ``vm_args`` to load umem.ko and
-its udev rule in the test VM, ``source_args``/``destination_args`` for the
-shared-file source RAM and the ``/dev/umem/<name>`` destination RAM with
-``-postcopy``, ``before_incoming`` to create the device and start ``umemd``
-through the agent (it must be serving before ``migrate-incoming``),
-``collect`` for the daemon's report, ``cleanup`` to stop it.
+The three upstream modes are here; umem, the fourth, is
+:class:`bench.umem.UmemMode` (its daemons start in ``before_destination``,
+since the destination QEMU refuses a node that does not exist yet).
 """
 
 from __future__ import annotations
@@ -83,14 +79,21 @@ class Mode:
     def destination_args(self, ctx: RunContext) -> list[str]:
         return []
 
+    async def before_destination(self, ctx: RunContext) -> None:
+        """Destination-side preparation before its QEMU starts (after the source's first pass)."""
+
     async def before_incoming(self, ctx: RunContext) -> None:
         """Destination-side preparation, after both QEMUs are up and configured."""
 
     async def switch_over(self, ctx: RunContext) -> None:
         """Called right after ``migrate``: whatever makes the migration switch over."""
 
+    async def after_completed(self, ctx: RunContext) -> None:
+        """After both QEMUs report ``completed``: wait for whatever else must finish first."""
+
     async def collect(self, ctx: RunContext) -> dict[str, Any]:
-        """Mode-specific numbers, after the run, before the QEMUs quit."""
+        """Mode-specific numbers, after the run, before the QEMUs quit. Its ``overrides``
+        replace the generic numbers of the record (e.g. a total time QEMU cannot see)."""
         return {}
 
     async def cleanup(self, ctx: RunContext) -> None:

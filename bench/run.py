@@ -67,6 +67,7 @@ async def _migrate(ctx: RunContext, record: dict[str, Any]) -> None:
     async with HostVm(ctx.workdir, "src", [*guest_args, *mode.source_args(ctx)]) as src:
         ctx.src = src
         await src.wait_serial(lambda log: len(log.verifies) >= 1, s.boot_timeout, "first verification pass")
+        await mode.before_destination(ctx)
         dst_args = ["-incoming", "defer", *guest_args, *mode.destination_args(ctx)]
         async with topo.destination(f"dst-{ctx.tag}", dst_args, ctx.workdir, trace_log) as dst:
             ctx.dst = dst
@@ -77,14 +78,16 @@ async def _migrate(ctx: RunContext, record: dict[str, Any]) -> None:
             if params:
                 await src.cmd("migrate-set-parameters", **params)
             await mode.before_incoming(ctx)
-            clock_before = await topo.agent.clock()
+            clock_before = ctx.extra["clock_before"] = await topo.agent.clock()
             await dst.cmd("migrate-incoming", uri=f"tcp:{topo.bind}:{topo.guest_port('migration')}")
             t_start = time.monotonic()
+            ctx.extra["migrate_unix_ns"] = time.time_ns()
             await src.cmd("migrate", uri=f"tcp:127.0.0.1:{topo.host_port('migration')}")
             await mode.switch_over(ctx)
             src_info = await src.wait_migration({"completed"}, s.migrate_timeout)
             t_src_done = time.monotonic()
             await dst.wait_migration({"completed"}, 120)
+            await mode.after_completed(ctx)
             t_dst_done = time.monotonic()
             # Passes that start after completion: the count is taken once the
             # serial stream has caught up, and the last required pass begins
@@ -106,6 +109,7 @@ async def _migrate(ctx: RunContext, record: dict[str, Any]) -> None:
 
     record.update(measure(record, src_info, dst_info, src, dst, src_log, dst_log, trace,
                           clock_before, clock_after, status, base))
+    record.update(record["mode_extra"].pop("overrides", {}))
     record["wall_s"] = {"src_completed": round(t_src_done - t_start, 3),
                         "dst_completed": round(t_dst_done - t_start, 3)}
 

@@ -44,8 +44,9 @@ from umemd.cli import parse_size
 from umemd.status import first_status
 from umemd.transport import Endpoint
 
-from .modes import Settings
-from .topology import HostVm, Topology
+from .metrics import daemon_requests
+from .modes import Mode, RunContext, Settings
+from .topology import ClockSample, HostVm, Topology
 
 PORTS = {"umem-page": 4447, "umem-status": 4448, "umem-qmp": 4449}
 VENV_PYTHON = CHECKOUT / ".venv" / "bin" / "python"
@@ -120,19 +121,24 @@ class UmemSide:
         return f"{self.name}-pull-{self.pulls}"
 
     @property
+    def latency_log_path(self) -> str:
+        return self.topo.remote_path(f"{self.name}-pull-{self.pulls}.latency")
+
+    @property
     def pull_report_path(self) -> str:
         return self.topo.remote_path(f"{self.name}-pull-{self.pulls}.json")
 
     # ---- the daemons -------------------------------------------------------------
 
-    async def start_pull(self, ready_timeout: float = 120) -> dict[str, Any]:
+    async def start_pull(self, ready_timeout: float = 120, latency_log: bool = False) -> dict[str, Any]:
         """Start (or restart) ``umemd pull`` in the VM; return its first status line."""
         self.pulls += 1
         bind = self.topo.bind
+        extra = ["--latency-log", self.latency_log_path] if latency_log else []
         await self.topo.agent.request("spawn", name=self.pull_name, cwd=str(CHECKOUT), argv=umemd_argv(
             "pull", self.name, "--size", str(self.ram_bytes),
             "--listen", f"{bind}:{self.topo.guest_port('umem-page')}", "--key-file", str(self.key),
-            "--status", f"{bind}:{self.topo.guest_port('umem-status')}", "--report", self.pull_report_path))
+            "--status", f"{bind}:{self.topo.guest_port('umem-status')}", "--report", self.pull_report_path, *extra))
         return await first_status(self.status, ready_timeout)
 
     async def kill_pull(self) -> None:
@@ -310,3 +316,69 @@ async def wait_partly_present(side: UmemSide, low: float = 0.05, high: float = 0
                 writer.close()
         await asyncio.sleep(0.2)
     raise TimeoutError("the pull never reached a partly present state")
+
+
+class UmemMode(Mode):
+    """umem: the destination's RAM is /dev/umem/<name>, umemd moves it (the fourth column).
+
+    The pull daemon and the page server start before the destination QEMU
+    (``-postcopy`` refuses a node that does not exist); the page server holds
+    its pages until the source stops. QEMU migrates device state only, so its
+    own ``total-time`` ends long before the last page: the total here runs from
+    ``migrate`` to the pull's last fill, and the latency rows come from the
+    pull's per-fault log (fault record read → page filled, the same span as
+    upstream's fault-thread read → page placed).
+    """
+
+    name = "umem"
+    title = "umem"
+    postcopy = True
+    extra_ports = PORTS
+
+    def _side(self, ctx: RunContext) -> UmemSide:
+        side = ctx.extra.get("umem")
+        if side is None:
+            side = ctx.extra["umem"] = UmemSide(ctx.topo, ctx.workdir, "bench", parse_size(ctx.settings.ram))
+        assert isinstance(side, UmemSide)
+        return side
+
+    def source_args(self, ctx: RunContext) -> list[str]:
+        return self._side(ctx).source_args()
+
+    def destination_args(self, ctx: RunContext) -> list[str]:
+        return self._side(ctx).destination_args()
+
+    async def before_destination(self, ctx: RunContext) -> None:
+        side = self._side(ctx)
+        await load_module(ctx.topo)
+        await side.start_pull(latency_log=True)
+        side.start_serve()
+
+    async def after_completed(self, ctx: RunContext) -> None:
+        rc = await self._side(ctx).wait_pull(ctx.settings.migrate_timeout)
+        if rc:
+            raise RuntimeError(f"umemd pull exited {rc}: see {ctx.workdir}/pull-1.log")
+
+    async def collect(self, ctx: RunContext) -> dict[str, Any]:
+        side = self._side(ctx)
+        report = await side.pull_report()
+        log = (await ctx.topo.agent.read_file(side.latency_log_path)).decode()
+        (ctx.workdir / "latency.log").write_text(log)
+        assert ctx.dst is not None
+        resume = ctx.dst.events.find("RESUME")
+        requests = daemon_requests(log, report["faults"], resume[1] if resume else None)
+        clock: ClockSample = ctx.extra["clock_before"]
+        finished_host_ns = report["finished_unix"] * 1e9 - clock.offset_ns
+        return {"pull": report, "overrides": {
+            "total_ms": round((finished_host_ns - ctx.extra["migrate_unix_ns"]) / 1e6),
+            "page_requests": requests.to_dict(),
+            "bytes": report["bytes_received"] + await self._stream_bytes(ctx)}}
+
+    @staticmethod
+    async def _stream_bytes(ctx: RunContext) -> int:
+        assert ctx.src is not None
+        info = await ctx.src.cmd("query-migrate")
+        return int(info.get("ram", {}).get("transferred", 0))
+
+    async def cleanup(self, ctx: RunContext) -> None:
+        await self._side(ctx).stop()

@@ -23,7 +23,7 @@ QEMU_TEST_PYTHON ?= $(CURDIR)/.venv/bin/python
 # The top-level 'test' target runs test-qemu when this is set.
 QEMU_TESTS := 1
 
-.PHONY: qemu qemu-guest test-qemu bench-baseline
+.PHONY: qemu qemu-guest test-qemu bench-baseline bench-e2e
 
 qemu:
 	UMEM_CACHE=$(UMEM_CACHE) bash qemu-patches/build.sh
@@ -41,3 +41,13 @@ bench-baseline: qemu qemu-guest venv
 	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m bench.baseline \
 		--command "$(strip make bench-baseline $(BENCH_BASELINE_ARGS))" --update-doc docs/performance.md \
 		$(BENCH_BASELINE_ARGS)
+
+# The race (issue 5): umem as the fourth mode, all four side by side, 3 runs each.
+BENCH_E2E_ARGS ?=
+
+bench-e2e: qemu qemu-guest venv abi kmod
+	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m bench.baseline \
+		--modes precopy,postcopy,postcopy-preempt,umem --section race \
+		--workdir build/bench-e2e --out build/bench-e2e.json \
+		--command "$(strip make bench-e2e $(BENCH_E2E_ARGS))" --update-doc docs/performance.md \
+		$(BENCH_E2E_ARGS)

@@ -182,6 +182,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     with Control(args.control) as control:
         server, attached = open_instance(control, args.name, args.size)
         stats = PullStats(args.name, server.pages, attached=attached)
+        if args.latency_log:
+            stats.latency.keep_samples()
         dialer = dialer_for(args, Role.DESTINATION, stop)
         puller = Puller(control, server, dialer, stats)
         status = StatusServer(args.status, lambda: status_line(puller, puller.state)) if args.status else None
@@ -202,6 +204,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 status.finish(status_line(puller, state, present))
             if args.report:
                 stats.write_report(args.report, present)
+            if args.latency_log:
+                stats.write_latency_log(args.latency_log)
             server.close()
     log.info("%s", stats.progress_line(present))
     return 0
@@ -275,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait this long for the umem module to be loaded (default: fail at once)")
     p.add_argument("--report", type=Path, metavar="FILE.json",
                    help="write counts, bytes, durations and the fault-latency histogram here")
+    p.add_argument("--latency-log", type=Path, metavar="FILE",
+                   help="at exit, write every served fault here: when it was read (Unix time) and its latency "
+                   "in µs, one per line")
     p.add_argument("--status", type=Endpoint.parse, metavar="HOST:PORT",
                    help="serve progress as JSON lines to whoever connects here, every 0.25 s and a last line "
                    "at the end (umemd migrate --dst-status reads it; read-only, but bind it to a trusted "

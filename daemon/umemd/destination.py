@@ -224,7 +224,7 @@ class Puller:
             for page_offset in range(offset, offset + count * PAGE_SIZE, PAGE_SIZE):
                 asked = self._inflight.pop(page_offset, None)
                 if asked is not None:
-                    self.stats.latency.add(now - asked)
+                    self.stats.latency.add(now - asked, asked)
 
     # ---- push -----------------------------------------------------------------
 

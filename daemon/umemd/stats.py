@@ -17,10 +17,18 @@ class LatencyHistogram:
         self._buckets: dict[int, int] = {}
         self._lock = threading.Lock()
         self.count = 0
+        self.samples: list[tuple[float, float]] | None = None  # (fault at, latency), when kept
 
-    def add(self, seconds: float) -> None:
+    def keep_samples(self) -> None:
+        """Also keep every (fault time, latency) pair, for :meth:`PullStats.write_latency_log`."""
+        self.samples = []
+
+    def add(self, seconds: float, at: float = 0.0) -> None:
+        """One fault served ``seconds`` after it was read, at ``at`` (``time.monotonic()``)."""
         micros = max(1, int(seconds * 1e6))
         with self._lock:
+            if self.samples is not None:
+                self.samples.append((at, seconds))
             bucket = micros.bit_length() - 1
             self._buckets[bucket] = self._buckets.get(bucket, 0) + 1
             self.count += 1
@@ -66,10 +74,19 @@ class PullStats:
         doc.update(
             present=present,
             seconds=round(end - self.started, 3),
+            finished_unix=time.time() - (time.monotonic() - self.finished) if self.finished else None,
             fault_latency_us={"p50": self.latency.percentile(0.5), "p99": self.latency.percentile(0.99),
                               "histogram": self.latency.as_dict()},
         )
         return doc
+
+    def write_latency_log(self, path: Path) -> None:
+        """One line per served fault: when it was read (Unix time, s) and its latency (µs)."""
+        to_unix = time.time() - time.monotonic()
+        with path.open("w") as f:
+            f.write("# fault_unix_s latency_us\n")
+            for at, seconds in self.latency.samples or ():
+                f.write(f"{at + to_unix:.6f} {seconds * 1e6:.0f}\n")
 
     def write_report(self, path: Path, present: int) -> None:
         path.write_text(json.dumps(self.report(present), indent=2) + "\n")

@@ -17,6 +17,8 @@ from bench.topology import ClockSample, HostTopology, complete_lines
 
 from .harness import GuestImage, WorkloadLog
 
+BLOCK = report.BLOCKS["baseline"]
+
 TRACE = """\
 161@1795644209.425413:postcopy_ram_fault_thread_request Request for HVA=0x7f941e4d8000 rb=pc.ram offset=0x0 pid=160
 161@1795644209.438724:postcopy_page_req_add new page req 0x7f941e4d8000 total 1
@@ -86,17 +88,17 @@ def test_event_interval_corrects_offset_and_drift() -> None:
 def test_update_doc_replaces_only_the_generated_block(tmp_path: Path) -> None:
     doc = tmp_path / "performance.md"
     doc.write_text("# Performance\n\n## Kernel\n\nkernel text\n")
-    report.update_doc(doc, f"{report.BEGIN}\nfirst\n{report.END}")
+    report.update_doc(doc, f"{BLOCK.begin}\nfirst\n{BLOCK.end}", BLOCK)
     text = doc.read_text()
-    assert text.startswith("# Performance\n\n## Kernel\n\nkernel text\n\n" + report.SECTION)
+    assert text.startswith("# Performance\n\n## Kernel\n\nkernel text\n\n" + BLOCK.section)
     # Prose around the block and the sections after it stay.
-    doc.write_text(text.replace(report.BEGIN, "hand-written prose\n\n" + report.BEGIN)
+    doc.write_text(text.replace(BLOCK.begin, "hand-written prose\n\n" + BLOCK.begin)
                    + "\nafter the block\n\n## Another section\n\nother\n")
-    report.update_doc(doc, f"{report.BEGIN}\nsecond\n{report.END}")
+    report.update_doc(doc, f"{BLOCK.begin}\nsecond\n{BLOCK.end}", BLOCK)
     text = doc.read_text()
     assert "first" not in text and "second" in text
     assert "hand-written prose" in text and "after the block" in text and text.endswith("## Another section\n\nother\n")
-    assert text.count(report.SECTION) == 1
+    assert text.count(BLOCK.section) == 1
 
 
 def test_table_marks_postcopy_only_rows() -> None:
