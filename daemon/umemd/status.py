@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from umemd.errors import ConnectError
+from umemd.errors import ConnectError, UmemError
 from umemd.transport import Endpoint
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,12 @@ class StatusServer(threading.Thread):
     def run(self) -> None:
         while not self._finished.is_set():
             self._accept()
-            self._broadcast(self.snapshot())
+            try:
+                doc = self.snapshot()
+            except (UmemError, OSError) as e:  # the instance went away under us: the end is near
+                log.debug("status snapshot failed: %s", e)
+                continue
+            self._broadcast(doc)
 
     def finish(self, last: dict[str, Any]) -> None:
         """Send ``last`` to every client, close them and stop."""

@@ -14,10 +14,29 @@ def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None
         cli.main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for word in ("list", "stats", "destroy", "exit status", "insmod kernel/umem.ko"):
+    for word in ("pull", "serve", "migrate", "keygen", "list", "stats", "destroy", "exit status",
+                 "insmod kernel/umem.ko"):
         assert word in out
 
 
 def test_missing_module_has_its_own_exit_code(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert cli.main(["--control", str(tmp_path / "control"), "list"]) == cli.EXIT_NO_MODULE
     assert "the umem module is not loaded (insmod kernel/umem.ko)" in caplog.text
+
+
+@pytest.mark.parametrize("command", ["pull", "serve", "migrate", "keygen", "list", "stats", "destroy"])
+def test_every_option_of_every_command_is_explained(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    options = [line.split()[0] for line in out.splitlines() if line.startswith("  -")]
+    assert options, out
+    for line in out.split("options:")[1].split("\n  -")[1:]:
+        assert len(line.split()) > 2, f"an option of {command} has no help: {line!r}"
+
+
+def test_migrate_without_a_pull_daemon_fails_and_names_it(caplog: pytest.LogCaptureFixture) -> None:
+    status = cli.main(["migrate", "--src-qmp", "/nonexistent/src.qmp", "--dst-qmp", "127.0.0.1:9",
+                       "--dst-status", "127.0.0.1:9", "--uri", "tcp:127.0.0.1:9", "--ready-timeout", "1"])
+    assert status == cli.EXIT_FAILED
+    assert "no umemd pull status at 127.0.0.1:9" in caplog.text

@@ -1,0 +1,78 @@
+"""The pull's status endpoint and what umemd migrate makes of it, over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import time
+from typing import Any
+
+from umemd.migrate import QmpAddress, interval_series
+from umemd.status import StatusServer, read_status
+from umemd.transport import Endpoint
+
+
+def free_endpoint() -> Endpoint:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return Endpoint("127.0.0.1", s.getsockname()[1])
+
+
+def test_a_client_follows_the_status_to_the_last_line() -> None:
+    endpoint = free_endpoint()
+    counter = itertools.count()
+    server = StatusServer(endpoint, lambda: {"state": "pulling", "present": next(counter)})
+    server.start()
+    seen: list[dict[str, Any]] = []
+
+    async def follow() -> dict[str, Any]:
+        reader = asyncio.create_task(read_status(endpoint, seen.append, deadline=time.monotonic() + 20))
+        while len(seen) < 3:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(server.finish, {"state": "complete", "present": 100})
+        return await reader
+
+    last = asyncio.run(follow())
+    assert last == {"state": "complete", "present": 100}
+    assert [s["state"] for s in seen[:3]] == ["pulling"] * 3
+    presents = [s["present"] for s in seen[:-1]]
+    assert presents == sorted(presents)
+
+
+def test_the_follower_survives_a_restarted_daemon() -> None:
+    endpoint = free_endpoint()
+    first = StatusServer(endpoint, lambda: {"state": "pulling", "present": 1})
+    first.start()
+    seen: list[dict[str, Any]] = []
+
+    async def follow() -> dict[str, Any]:
+        reader = asyncio.create_task(read_status(endpoint, seen.append, deadline=time.monotonic() + 20))
+        while not seen:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(first.finish, {"state": "pulling", "present": 2})  # killed mid-way
+        second = StatusServer(endpoint, lambda: {"state": "pulling", "present": 3})
+        second.start()
+        while seen[-1]["present"] != 3:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(second.finish, {"state": "complete", "present": 4})
+        return await reader
+
+    assert asyncio.run(follow())["present"] == 4
+
+
+def test_interval_latency_comes_from_the_difference_of_histograms() -> None:
+    samples = [
+        {"t": 0.0, "faults": 0, "latency": {}},
+        {"t": 1.0, "faults": 10, "latency": {"<1024us": 10}},
+        {"t": 2.0, "faults": 30, "latency": {"<1024us": 10, "<8192us": 20}},
+    ]
+    rates, p50, p99 = interval_series(samples)
+    assert rates == [10.0, 20.0]
+    assert p50 == [1024.0, 8192.0] and p99 == [1024.0, 8192.0]
+
+
+def test_qmp_addresses_are_paths_or_host_and_port() -> None:
+    assert QmpAddress("/run/vm1.qmp").target() == "/run/vm1.qmp"
+    assert QmpAddress("dest:4449").target() == ("dest", 4449)
+    assert QmpAddress("[::1]:4449").target() == ("::1", 4449)
