@@ -50,6 +50,7 @@ from .topology import ClockSample, HostVm, Topology
 
 PORTS = {"umem-page": 4447, "umem-status": 4448, "umem-qmp": 4449}
 VENV_PYTHON = CHECKOUT / ".venv" / "bin" / "python"
+PROFILE = os.environ.get("UMEM_BENCH_PROFILE") == "1"  # run pull under py-spy (make bench-e2e-profile)
 KMOD = CHECKOUT / "kernel" / "umem.ko"
 
 
@@ -135,10 +136,14 @@ class UmemSide:
         self.pulls += 1
         bind = self.topo.bind
         extra = ["--latency-log", self.latency_log_path] if latency_log else []
-        await self.topo.agent.request("spawn", name=self.pull_name, cwd=str(CHECKOUT), argv=umemd_argv(
-            "pull", self.name, "--size", str(self.ram_bytes),
-            "--listen", f"{bind}:{self.topo.guest_port('umem-page')}", "--key-file", str(self.key),
-            "--status", f"{bind}:{self.topo.guest_port('umem-status')}", "--report", self.pull_report_path, *extra))
+        argv = umemd_argv("pull", self.name, "--size", str(self.ram_bytes),
+                          "--listen", f"{bind}:{self.topo.guest_port('umem-page')}", "--key-file", str(self.key),
+                          "--status", f"{bind}:{self.topo.guest_port('umem-status')}",
+                          "--report", self.pull_report_path, *extra)
+        if PROFILE:  # where the pull's time goes: py-spy's folded stacks, every thread, idle included
+            argv = [str(VENV_PYTHON.parent / "py-spy"), "record", "--format", "raw", "--idle", "--threads",
+                    "--rate", "250", "--output", str(self.workdir / f"pull-{self.pulls}.profile"), "--", *argv]
+        await self.topo.agent.request("spawn", name=self.pull_name, cwd=str(CHECKOUT), argv=argv)
         return await first_status(self.status, ready_timeout)
 
     async def kill_pull(self) -> None:
@@ -369,16 +374,14 @@ class UmemMode(Mode):
         requests = daemon_requests(log, report["faults"], resume[1] if resume else None)
         clock: ClockSample = ctx.extra["clock_before"]
         finished_host_ns = report["finished_unix"] * 1e9 - clock.offset_ns
+        assert ctx.src is not None
+        ram = (await ctx.src.cmd("query-migrate")).get("ram", {})
         return {"pull": report, "overrides": {
             "total_ms": round((finished_host_ns - ctx.extra["migrate_unix_ns"]) / 1e6),
             "page_requests": requests.to_dict(),
-            "bytes": report["bytes_received"] + await self._stream_bytes(ctx)}}
-
-    @staticmethod
-    async def _stream_bytes(ctx: RunContext) -> int:
-        assert ctx.src is not None
-        info = await ctx.src.cmd("query-migrate")
-        return int(info.get("ram", {}).get("transferred", 0))
+            # every page travels on umem's channels after the switch-over
+            "bytes": report["bytes_received"] + ram.get("transferred", 0),
+            "ram": {**ram, "postcopy-bytes": report["bytes_received"]}}}
 
     async def cleanup(self, ctx: RunContext) -> None:
         await self._side(ctx).stop()

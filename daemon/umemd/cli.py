@@ -36,6 +36,7 @@ log = logging.getLogger("umemd")
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_MODULE = 3
+DEMAND_SWITCH_INTERVAL = 0.0005  # seconds: the GIL switch interval of umemd pull
 
 DESCRIPTION = """\
 umemd moves a guest's RAM after a post-copy live migration. On the
@@ -178,6 +179,9 @@ def wait_for_module(seconds: float) -> None:
 def cmd_pull(args: argparse.Namespace) -> int:
     if args.wait_module:
         wait_for_module(args.wait_module)
+    # A woken demand thread must not wait the default 5 ms for the GIL while
+    # the push thread parses a frame: faulting vCPUs wait on it.
+    sys.setswitchinterval(DEMAND_SWITCH_INTERVAL)
     stop = threading.Event()
     with Control(args.control) as control:
         server, attached = open_instance(control, args.name, args.size)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 PREPAGE = 8  # pages sent with each demand request, requested page first
 PUSH_AFTER_FAULT = 256  # pages after a fault the push stream sends next
 PUSH_RUN = 256  # pages per PAGES frame in the push stream (1 MiB)
+ZERO_RUN_MIN = 4  # zero pages in a row, inside data, sent as a ZERO hint rather than as data
 
 
 @dataclass
@@ -191,18 +192,23 @@ class PageServer:
     def _send_range(self, link: Link, start: int, end: int) -> int:
         """Send pages [start, end) as PAGES and ZERO frames; returns pages sent as data."""
         data_pages = 0
-        for lo, hi, is_data in self._runs(start, end):
-            if is_data and not self.ram.is_zero(lo * PAGE_SIZE, (hi - lo) * PAGE_SIZE):
-                for run in range(lo, hi, MAX_RUN_PAGES):
-                    count = min(MAX_RUN_PAGES, hi - run)
-                    header = link.conn.send_pages_header(run * PAGE_SIZE, count)
-                    link.send(header, self.ram.view[run * PAGE_SIZE:(run + count) * PAGE_SIZE])
-                    self.stats.bytes_sent += len(header) + count * PAGE_SIZE
-                data_pages += hi - lo
-            else:
-                link.send(link.conn.send_zero(lo * PAGE_SIZE, hi - lo))
-                self.stats.zero_pages += hi - lo
+        for extent_lo, extent_hi, in_data in self._runs(start, end):
+            for lo, hi, is_data in zero_split(self.ram, extent_lo, extent_hi) if in_data else [
+                    (extent_lo, extent_hi, False)]:
+                if is_data:
+                    self._send_pages(link, lo, hi)
+                    data_pages += hi - lo
+                else:
+                    link.send(link.conn.send_zero(lo * PAGE_SIZE, hi - lo))
+                    self.stats.zero_pages += hi - lo
         return data_pages
+
+    def _send_pages(self, link: Link, lo: int, hi: int) -> None:
+        for run in range(lo, hi, MAX_RUN_PAGES):
+            count = min(MAX_RUN_PAGES, hi - run)
+            header = link.conn.send_pages_header(run * PAGE_SIZE, count)
+            link.send(header, self.ram.view[run * PAGE_SIZE:(run + count) * PAGE_SIZE])
+            self.stats.bytes_sent += len(header) + count * PAGE_SIZE
 
     def _runs(self, start: int, end: int) -> list[tuple[int, int, bool]]:
         """Split [start, end) into (lo, hi, is_data) runs by the file's data extents."""
@@ -232,6 +238,28 @@ class PageServer:
             log.log(level, "%s channel: the destination says: %s", link.channel.name.lower(), event.reason)
         else:
             log.info("%s channel: the destination closed the connection", link.channel.name.lower())
+
+
+def zero_split(ram: RamFile, lo: int, hi: int) -> list[tuple[int, int, bool]]:
+    """Pages [lo, hi) of a data extent as (lo, hi, is_data) runs: stretches of at least
+    ZERO_RUN_MIN zero pages apart (QEMU checks page by page too); shorter ones ride along with
+    the data around them, so runs stay long."""
+    if ram.is_zero(lo * PAGE_SIZE, (hi - lo) * PAGE_SIZE):
+        return [(lo, hi, False)]
+    runs: list[tuple[int, int, bool]] = []
+    data_from = zero_from = lo
+    for page in range(lo, hi + 1):
+        if page < hi and ram.is_zero(page * PAGE_SIZE, PAGE_SIZE):
+            continue
+        if page - zero_from >= ZERO_RUN_MIN:
+            if zero_from > data_from:
+                runs.append((data_from, zero_from, True))
+            runs.append((zero_from, page, False))
+            data_from = page
+        zero_from = page + 1
+    if data_from < hi:
+        runs.append((data_from, hi, True))
+    return runs
 
 
 def _bits_to_bytes(bitmap: bytes, count: int) -> bytes:

@@ -224,3 +224,4 @@ def test_any_corrupted_byte_is_caught_or_harmless(position: int, value: int) -> 
             assert isinstance(e, Zero | Done)
             if isinstance(e, Zero):
                 assert e.offset + e.count * PAGE_SIZE <= RAM
+
