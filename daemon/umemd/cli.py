@@ -36,7 +36,9 @@ log = logging.getLogger("umemd")
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_MODULE = 3
-DEMAND_SWITCH_INTERVAL = 0.0005  # seconds: the GIL switch interval of umemd pull
+# The GIL switch interval of serve and pull, in seconds: a demand thread woken by
+# a fault must not wait the default 5 ms while the push thread runs Python.
+DEMAND_SWITCH_INTERVAL = 0.0005
 
 DESCRIPTION = """\
 umemd moves a guest's RAM after a post-copy live migration. On the
@@ -133,6 +135,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    sys.setswitchinterval(DEMAND_SWITCH_INTERVAL)
     ram = RamFile(args.ramfile)
     stop = threading.Event()
     released = threading.Event()
@@ -179,8 +182,6 @@ def wait_for_module(seconds: float) -> None:
 def cmd_pull(args: argparse.Namespace) -> int:
     if args.wait_module:
         wait_for_module(args.wait_module)
-    # A woken demand thread must not wait the default 5 ms for the GIL while
-    # the push thread parses a frame: faulting vCPUs wait on it.
     sys.setswitchinterval(DEMAND_SWITCH_INTERVAL)
     stop = threading.Event()
     with Control(args.control) as control:
