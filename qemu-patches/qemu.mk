@@ -23,7 +23,7 @@ QEMU_TEST_PYTHON ?= $(CURDIR)/.venv/bin/python
 # The top-level 'test' target runs test-qemu when this is set.
 QEMU_TESTS := 1
 
-.PHONY: qemu qemu-guest test-qemu bench-baseline bench-e2e
+.PHONY: qemu qemu-guest test-qemu bench-baseline bench-e2e bench-e2e-profile
 
 qemu:
 	UMEM_CACHE=$(UMEM_CACHE) bash qemu-patches/build.sh
@@ -51,3 +51,10 @@ bench-e2e: qemu qemu-guest venv abi kmod
 		--workdir build/bench-e2e --out build/bench-e2e.json \
 		--command "$(strip make bench-e2e $(BENCH_E2E_ARGS))" --update-doc docs/performance.md \
 		$(BENCH_E2E_ARGS)
+
+# Where a umem run's time goes: one umem migration with the pull under py-spy,
+# then its profile by thread (build/bench-e2e-profile/umem-1/pull-1.profile).
+bench-e2e-profile: qemu qemu-guest venv abi kmod
+	UMEM_BENCH_PROFILE=1 UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m bench.baseline \
+		--modes umem --runs 1 --workdir build/bench-e2e-profile --out build/bench-e2e-profile.json
+	$(QEMU_TEST_PYTHON) -m bench.profile_summary build/bench-e2e-profile/umem-1/pull-1.profile
