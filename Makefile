@@ -27,7 +27,7 @@ VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev kernel/60-
 -include qemu-patches/qemu.mk
 
 .PHONY: help setup apt venv abi kmod check lint unit kmod-strict dkms-check test test-kernel \
-	bench-kernel bench-kernel-profile demo clean
+	bench-kernel bench-kernel-profile bench-daemon demo clean
 
 help:
 	@echo "make demo         a real post-copy migration of a small guest, with a report"
@@ -35,6 +35,7 @@ help:
 	@echo "make check        fast host-only lane: lint, types, unit tests, module built with W=1"
 	@echo "make test-kernel  the kernel suite alone, inside a VM booting Debian's kernel"
 	@echo "make bench-kernel umem fault round trip and fill throughput vs userfaultfd (one VM boot)"
+	@echo "make bench-daemon umemd push vs raw TCP, fault latency with/without push, pre-paging (one VM boot)"
 	@echo "make setup        install apt packages, the venv, the cffi binding and the module"
 
 setup: apt venv abi kmod
@@ -112,6 +113,15 @@ $(BUILD)/fault_bench: bench/fault_bench.c kernel/include/uapi/linux/umem.h | apt
 bench-kernel: abi kmod $(BUILD)/fault_bench
 	$(VM) $(VM_KERNEL_ARGS) -- sh -c "insmod $(CURDIR)/kernel/umem.ko && \
 		$(PY) bench/kernel_bench.py --out $(CURDIR)/$(BUILD)/bench-kernel.json"
+
+# One VM boot: umemd serve + pull side by side with raw TCP, ~25 min under TCG; the tables go
+# into docs/performance.md (generated block), every run into build/bench-daemon.json.
+bench-daemon: abi kmod
+	$(PY) -m compileall -q daemon tests bench
+	$(VM) --console-log $(BUILD)/vm-bench-daemon-console.log --udev kernel/60-umem.rules \
+		--env UMEM_KMOD=$(CURDIR)/kernel/umem.ko --env UMEM_IN_VM=1 --timeout 3600 -- \
+		sh -c "insmod $(CURDIR)/kernel/umem.ko && udevadm settle && $(PY) -m bench.daemon_bench \
+		--out $(CURDIR)/$(BUILD)/bench-daemon.json --doc $(CURDIR)/docs/performance.md $(BENCH_DAEMON_ARGS)"
 
 # One VM boot: perf profiles behind the bench-kernel table (build/profile-*.txt).
 bench-kernel-profile: kmod $(BUILD)/fault_bench
