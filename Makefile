@@ -27,7 +27,8 @@ VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev kernel/60-
 -include qemu-patches/qemu.mk
 
 .PHONY: help setup apt venv abi kmod check lint unit kmod-strict dkms-check test test-kernel \
-	bench-kernel bench-kernel-profile bench-daemon demo clean
+	bench-kernel bench-kernel-profile bench-daemon \
+	bench-daemon-profile demo clean
 
 help:
 	@echo "make demo         a real post-copy migration of a small guest, with a report"
@@ -122,6 +123,14 @@ bench-daemon: abi kmod
 		--env UMEM_KMOD=$(CURDIR)/kernel/umem.ko --env UMEM_IN_VM=1 --timeout 3600 -- \
 		sh -c "insmod $(CURDIR)/kernel/umem.ko && udevadm settle && $(PY) -m bench.daemon_bench \
 		--out $(CURDIR)/$(BUILD)/bench-daemon.json --doc $(CURDIR)/docs/performance.md $(BENCH_DAEMON_ARGS)"
+
+# One VM boot: py-spy profiles of both daemons behind the bench-daemon table
+# (build/profile-daemon-*.txt); py-spy is installed into the venv if missing.
+bench-daemon-profile: abi kmod
+	$(VENV)/bin/py-spy --version >/dev/null 2>&1 || $(VENV)/bin/pip install -q --disable-pip-version-check py-spy
+	$(VM) --console-log $(BUILD)/vm-bench-daemon-console.log --udev kernel/60-umem.rules \
+		--env UMEM_KMOD=$(CURDIR)/kernel/umem.ko --env UMEM_IN_VM=1 --timeout 1800 -- \
+		sh -c "insmod $(CURDIR)/kernel/umem.ko && udevadm settle && $(PY) -m bench.daemon_bench profile"
 
 # One VM boot: perf profiles behind the bench-kernel table (build/profile-*.txt).
 bench-kernel-profile: kmod $(BUILD)/fault_bench

@@ -195,11 +195,20 @@ def must(proc: subprocess.Popen[bytes], what: str, timeout: float = 600) -> None
 
 
 class Bench:
-    def __init__(self, source: Path, key: Path) -> None:
+    def __init__(self, source: Path, key: Path, *, profile: str | None = None) -> None:
         self.source = source
         self.key = key
         self.size = source.stat().st_size
         self.count = 0
+        self.profile = profile  # py-spy the daemons, into build/profile-daemon-<profile>-{pull,serve}.raw
+
+    def umemd(self, kind: str, *args: str, netns: bool = False) -> list[str]:
+        command = py("-m", "umemd.cli", "-v", kind, *args, netns=netns)
+        if not self.profile:
+            return command
+        out = ROOT / "build" / f"profile-daemon-{self.profile}-{kind}.raw"
+        return ["py-spy", "record", "--format", "raw", "--threads", "--rate", "200", "--nonblocking", "-o", str(out),
+                "--", *command]
 
     def _name(self) -> str:
         self.count += 1
@@ -219,16 +228,14 @@ class Bench:
         run = Run(f"{self.count:02d}-{label}")
         host = HERE if netns else "127.0.0.1"
         report = LOGS / f"{run.label}-pull.json"
-        pull = run.spawn("pull", py("-m", "umemd.cli", "-v", "pull", name, "--size", str(self.size), "--listen",
-                                    f"{host}:{self.port}", "--key-file", str(self.key), "--report", str(report),
-                                    "--quiet"))
+        pull = run.spawn("pull", self.umemd("pull", name, "--size", str(self.size), "--listen", f"{host}:{self.port}",
+                                            "--key-file", str(self.key), "--report", str(report), "--quiet"))
         try:
             wait_for(lambda: node_path(name).exists() or pull.poll() is not None, "the instance node")
 
             def start_serve() -> subprocess.Popen[bytes]:
-                return run.spawn("serve", py("-m", "umemd.cli", "-v", "serve", str(self.source), "--connect",
-                                             f"{host}:{self.port}", "--key-file", str(self.key), *serve_args,
-                                             netns=netns))
+                return run.spawn("serve", self.umemd("serve", str(self.source), "--connect", f"{host}:{self.port}",
+                                                     "--key-file", str(self.key), *serve_args, netns=netns))
             yield run, str(node_path(name)), pull, start_serve
         finally:
             run.close()
@@ -359,55 +366,64 @@ def make_source(path: Path, size: int) -> None:
             f.write(chunk)
 
 
+def spread(values: list[float], fmt: str = ".0f", unit: str = "") -> str:
+    """'median (min-max)' of the runs."""
+    if not values:
+        return "n/a"
+    return f"{med(values):{fmt}}{unit} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
 def tables(data: dict[str, Any], runs: int) -> str:
-    lines = [f"| push vs raw TCP, {data['size_mib']} MiB | loopback MiB/s | veth MiB/s | push / raw, loopback "
-             "| push / raw, veth |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    links = ("lo", "veth")
+    """The Markdown tables: medians over runs, with (min-max); every ratio is
+    taken within a run (side by side), then its median."""
+    links = [link for link in ("lo", "veth") if f"push-{link}" in data["throughput"]]
+    names = {"lo": "loopback", "veth": "veth"}
+    tp = data["throughput"]
+    lines = [f"| push vs raw TCP, {data['size_mib']} MiB, MiB/s | " + " | ".join(names[lk] for lk in links) + " |",
+             "| --- |" + " ---: |" * len(links)]
     kinds = (("push", "umemd push"), ("sendfile", "raw TCP, `socket.sendfile`"),
              ("sendall", "raw TCP, `sendall` of 1 MiB slices"))
     for key, heading in (("mib_per_s", "process start → done"), ("stream_mib_per_s", "first page or byte → done")):
-        rate = {k: med([r[key] for r in v]) for k, v in data["throughput"].items()}
-        lines.append(f"| *{heading}:* | | | | |")
+        lines.append(f"| *{heading}:* |" + " |" * len(links))
         for kind, label in kinds:
-            cells = [f"{rate.get(f'{kind}-{link}', NAN):.0f}" for link in links]
-            ratios = [f"{rate.get(f'push-{link}', NAN) / rate.get(f'{kind}-{link}', NAN):.2f}{X}" if kind != "push"
-                      else "" for link in links]
-            lines.append(f"| {label} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+            lines.append(f"| {label} | " + " | ".join(spread([r[key] for r in tp[f"{kind}-{lk}"]]) for lk in links)
+                         + " |")
+        for kind, label in kinds[1:]:
+            ratios = [spread([p[key] / r[key] for p, r in zip(tp[f"push-{lk}"], tp[f"{kind}-{lk}"], strict=True)],
+                             ".2f", X) for lk in links]
+            lines.append(f"| push / {label.removeprefix('raw TCP, ')} | " + " | ".join(ratios) + " |")
 
-    lines += ["", "| demand faults (guest-timed, random pages) | faults timed | p50 µs | p90 µs | p99 µs |",
+    lat = data["latency"]
+    lines += ["", "| demand faults, guest-timed (random missing pages) | faults timed | p50 µs | p90 µs | p99 µs |",
               "| --- | ---: | ---: | ---: | ---: |"]
-    lat: dict[str, list[float]] = {}
     for mode, label in (("demand-only", f"push capped at {NO_PUSH_RATE} MiB/s (demand only)"),
                         ("with-push", "push at full speed")):
-        results = data["latency"][mode]
-        lat[mode] = [med([len(fault_latencies(r)) for r in results]),
-                     *(med([percentile(fault_latencies(r), q) for r in results]) for q in (0.5, 0.9, 0.99))]
-        n, p50, p90, p99 = lat[mode]
-        lines.append(f"| {label} | {n:.0f} | {p50:.0f} | {p90:.0f} | {p99:.0f} |")
-    ratio = [lat["with-push"][i] / lat["demand-only"][i] for i in (1, 2, 3)]
-    lines.append(f"| with push / demand only | | {ratio[0]:.2f}{X} | {ratio[1]:.2f}{X} | {ratio[2]:.2f}{X} |")
-    lines += ["", "| daemon's view (pull report, power-of-two buckets) | p50 µs ≤ | p99 µs ≤ |",
+        cells = [spread([float(len(fault_latencies(r))) for r in lat[mode]])]
+        cells += [spread([percentile(fault_latencies(r), q) for r in lat[mode]]) for q in (0.5, 0.9, 0.99)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ratios = [spread([percentile(fault_latencies(w), q) / percentile(fault_latencies(d), q)
+                      for w, d in zip(lat["with-push"], lat["demand-only"], strict=True)], ".2f", X)
+              for q in (0.5, 0.9, 0.99)]
+    lines.append("| with push / demand only | | " + " | ".join(ratios) + " |")
+    lines += ["", "| the same faults, pull's report (power-of-two buckets) | p50 µs ≤ | p99 µs ≤ |",
               "| --- | ---: | ---: |"]
     for mode in ("demand-only", "with-push"):
-        reps = [r["report"]["fault_latency_us"] for r in data["latency"][mode] if "report" in r]
-        if reps:
-            lines.append(f"| {mode} | {med([x['p50'] for x in reps]):.0f} | {med([x['p99'] for x in reps]):.0f} |")
+        reps = [r["report"]["fault_latency_us"] for r in lat[mode] if "report" in r]
+        lines.append(f"| {mode} | {spread([x['p50'] for x in reps])} | {spread([x['p99'] for x in reps])} |")
 
-    lines += ["", "| pages by faults vs pushed | guest touches | faults (pull) | demand pages | pushed pages "
-              "| skipped | by faults % | guest-timed faults | fault p50 µs |",
+    lines += ["", "| pages by faults vs pushed | guest touches | faults | demand pages | pushed pages "
+              "| sent twice | by faults | guest-timed faults | their p50 µs |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, results in data["prepage"].items():
         reports = [r["report"] for r in results]
-        demand = med([x["demand_pages"] for x in reports])
-        pushed = med([x["pushed_pages"] for x in reports])
+        share = [100 * x["demand_pages"] / (x["demand_pages"] + x["pushed_pages"]) for x in reports]
         lines.append(
-            f"| {key} | {med([len(r['touches']) for r in results]):.0f} | {med([x['faults'] for x in reports]):.0f} "
-            f"| {demand:.0f} | {pushed:.0f} | {med([x['skipped_pages'] for x in reports]):.0f} "
-            f"| {100 * med([x['demand_pages'] / (x['demand_pages'] + x['pushed_pages']) for x in reports]):.1f} "
-            f"| {med([len(fault_latencies(r)) for r in results]):.0f} "
-            f"| {med([percentile(fault_latencies(r), 0.5) for r in results]):.0f} |")
-    lines += ["", f"Medians of {runs} runs."]
+            f"| {key} | {med([len(r['touches']) for r in results]):.0f} "
+            f"| {spread([x['faults'] for x in reports])} | {spread([x['demand_pages'] for x in reports])} "
+            f"| {spread([x['pushed_pages'] for x in reports])} | {spread([x['skipped_pages'] for x in reports])} "
+            f"| {spread(share, '.1f', ' %')} | {spread([float(len(fault_latencies(r))) for r in results])} "
+            f"| {spread([percentile(fault_latencies(r), 0.5) for r in results])} |")
+    lines += ["", f"Median (min-max) of {runs} runs; each ratio is taken within one run, then its median."]
     return "\n".join(lines)
 
 
@@ -422,6 +438,21 @@ def update_doc(path: Path, generated: str) -> None:
         b, e = text.index(BEGIN, start), text.index(END, start) + len(END)
         text = text[:b] + block + text[e:]
     path.write_text(text)
+
+
+def report_main(args: argparse.Namespace) -> int:
+    saved = json.loads(args.json.read_text())
+    text = render(saved["context"], saved["data"])
+    print(text)
+    if args.doc:
+        update_doc(args.doc, text)
+    return 0
+
+
+def render(context: str, data: dict[str, Any]) -> str:
+    runs = len(data["latency"]["with-push"])
+    return ("    make bench-daemon\n\n" + textwrap.fill(context, 100, break_on_hyphens=False, break_long_words=False)
+            + "\n\n" + tables(data, runs))
 
 
 def bench_main(args: argparse.Namespace) -> int:
@@ -469,13 +500,55 @@ def bench_main(args: argparse.Namespace) -> int:
                f"(no hole, no zero page); guests of {args.threads} threads; load average in the VM "
                f"{' → '.join(f'{x:.2f}' for x in loadavg)}. Raw results: `build/bench-daemon.json`, "
                f"logs in `build/bench-daemon-logs/`.")
-    text = "    make bench-daemon\n\n" + textwrap.fill(context, 100, break_on_hyphens=False,
-                                                     break_long_words=False) + "\n\n" + tables(data, args.runs)
+    text = render(context, data)
     print(text)
     if args.out:
         args.out.write_text(json.dumps({"context": context, "data": data}, indent=1))
     if args.doc:
         update_doc(args.doc, text)
+    return 0
+
+
+def summarize_profile(raw: Path, top: int = 25) -> str:
+    """Self and inclusive samples per function from py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                  for f in stack.split(";")]
+        n = int(count)
+        total += n
+        threads[frames[0]] = threads.get(frames[0], 0) + n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames[1:]):
+            inclusive[f] = inclusive.get(f, 0) + n
+    out = [f"{raw.name}: {total} samples at 200 Hz (active only)", "", "per thread:"]
+    out += [f"  {100 * n / total:5.1f}%  {t}" for t, n in sorted(threads.items(), key=lambda x: -x[1])]
+    out += ["", "self:"]
+    out += [f"  {100 * n / total:5.1f}%  {f}" for f, n in sorted(own.items(), key=lambda x: -x[1])[:top]]
+    out += ["", "inclusive:"]
+    out += [f"  {100 * n / total:5.1f}%  {f}" for f, n in sorted(inclusive.items(), key=lambda x: -x[1])[:top]]
+    return "\n".join(out) + "\n"
+
+
+def profile_main(args: argparse.Namespace) -> int:
+    """py-spy profiles of both daemons: a loopback push, and faults with the push running."""
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    source, key = work / "guest-ram", work / "key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    make_source(source, args.size_mib * MIB)
+    push = Bench(source, key, profile="push").push(netns=False)
+    print(f"push under py-spy: {push['mib_per_s']:.0f} MiB/s", flush=True)
+    Bench(source, key, profile="faults").guest_run("profile-faults", [], "random", args.threads, args.touches, seed=7,
+                                                   complete=True)
+    for raw in sorted((ROOT / "build").glob("profile-daemon-*.raw")):
+        text = summarize_profile(raw)
+        raw.with_suffix(".txt").write_text(text)
+        print(text)
     return 0
 
 
@@ -493,6 +566,9 @@ def main() -> int:
     parser.add_argument("--workdir", default="/tmp/umem-bench", help="source file and key (default %(default)s)")
     parser.add_argument("--out", type=Path, help="write every run here as JSON")
     parser.add_argument("--doc", type=Path, help="replace the generated block of the Daemon section in this file")
+    rep = sub.add_parser("report", help="print (and with --doc, write) the tables of an --out file again")
+    rep.add_argument("json", type=Path)
+    sub.add_parser("profile", help="py-spy both daemons in one push and one fault run (build/profile-daemon-*)")
     g = sub.add_parser("guest")
     for name in ("node", "size", "pattern", "threads", "touches", "seed"):
         g.add_argument(name, type=str if name in ("node", "pattern") else int)
@@ -506,7 +582,8 @@ def main() -> int:
     s.add_argument("file")
     s.add_argument("mode", choices=("sendfile", "sendall"))
     args = parser.parse_args()
-    handlers = {"guest": guest_main, "raw-recv": raw_recv_main, "raw-send": raw_send_main}
+    handlers = {"report": report_main, "profile": profile_main, "guest": guest_main, "raw-recv": raw_recv_main,
+                "raw-send": raw_send_main}
     return handlers.get(args.command, bench_main)(args)
 
 
