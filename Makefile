@@ -115,7 +115,7 @@ bench-kernel: abi kmod $(BUILD)/fault_bench
 	$(VM) $(VM_KERNEL_ARGS) -- sh -c "insmod $(CURDIR)/kernel/umem.ko && \
 		$(PY) bench/kernel_bench.py --out $(CURDIR)/$(BUILD)/bench-kernel.json"
 
-# One VM boot: umemd serve + pull side by side with raw TCP, ~25 min under TCG; the tables go
+# One VM boot: umemd serve + pull side by side with raw TCP, ~8 min under TCG; the tables go
 # into docs/performance.md (generated block), every run into build/bench-daemon.json.
 bench-daemon: abi kmod
 	$(PY) -m compileall -q daemon tests bench
