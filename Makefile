@@ -27,7 +27,8 @@ VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev kernel/60-
 -include qemu-patches/qemu.mk
 
 .PHONY: help setup apt venv abi kmod check lint unit kmod-strict dkms-check test test-kernel \
-	bench-kernel bench-kernel-profile demo demo-banner test-e2e clean
+	bench-kernel bench-kernel-profile bench-daemon bench-daemon-profile demo demo-banner \
+	test-e2e clean
 
 help:
 	@echo "make demo         a real post-copy migration of a small guest, with a report"
@@ -38,6 +39,7 @@ help:
 	@echo "make test-e2e     real guests migrated into the VM with umem: normal, recovery, misuse"
 	@echo "make bench-e2e    umem vs pre-copy, postcopy-ram and postcopy-preempt, 3 runs each"
 	@echo "make bench-kernel umem fault round trip and fill throughput vs userfaultfd (one VM boot)"
+	@echo "make bench-daemon umemd push vs raw TCP, fault latency with/without push, pre-paging (one VM boot)"
 	@echo "make setup        install apt packages, the venv, the cffi binding and the module"
 
 setup: apt venv abi kmod
@@ -115,6 +117,22 @@ $(BUILD)/fault_bench: bench/fault_bench.c kernel/include/uapi/linux/umem.h | apt
 bench-kernel: abi kmod $(BUILD)/fault_bench
 	$(VM) $(VM_KERNEL_ARGS) -- sh -c "insmod $(CURDIR)/kernel/umem.ko && \
 		$(PY) bench/kernel_bench.py --out $(CURDIR)/$(BUILD)/bench-kernel.json"
+
+# One VM boot: umemd serve + pull side by side with raw TCP, ~8 min under TCG; the tables go
+# into docs/performance.md (generated block), every run into build/bench-daemon.json.
+bench-daemon: abi kmod
+	$(PY) -m compileall -q daemon tests bench
+	$(VM) --console-log $(BUILD)/vm-bench-daemon-console.log --udev kernel/60-umem.rules \
+		--env UMEM_KMOD=$(CURDIR)/kernel/umem.ko --env UMEM_IN_VM=1 --timeout 3600 -- \
+		sh -c "insmod $(CURDIR)/kernel/umem.ko && udevadm settle && $(PY) -m bench.daemon_bench \
+		--out $(CURDIR)/$(BUILD)/bench-daemon.json --doc $(CURDIR)/docs/performance.md $(BENCH_DAEMON_ARGS)"
+
+# One VM boot: py-spy profiles of both daemons behind the bench-daemon table
+# (build/profile-daemon-*.txt); py-spy comes with the venv (daemon/requirements.txt).
+bench-daemon-profile: abi kmod
+	$(VM) --console-log $(BUILD)/vm-bench-daemon-console.log --udev kernel/60-umem.rules \
+		--env UMEM_KMOD=$(CURDIR)/kernel/umem.ko --env UMEM_IN_VM=1 --timeout 1800 -- \
+		sh -c "insmod $(CURDIR)/kernel/umem.ko && udevadm settle && $(PY) -m bench.daemon_bench profile"
 
 # One VM boot: perf profiles behind the bench-kernel table (build/profile-*.txt).
 bench-kernel-profile: kmod $(BUILD)/fault_bench

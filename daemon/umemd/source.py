@@ -18,13 +18,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from umemd.errors import ConnectError, ProtocolError
+from umemd.errors import ConnectError, ProtocolError, RemoteProtocolError
 from umemd.protocol import (
     MAX_RUN_PAGES,
     Channel,
     Closed,
     Complete,
     ErrorCode,
+    Event,
     Have,
     PeerError,
     Request,
@@ -127,9 +128,12 @@ class PageServer:
     def _serve_push(self, link: Link) -> None:
         sent = bytearray(self.ram.pages)
         covered = 0
-        events = link.events()
+        backlog: collections.deque[Event] = collections.deque()
         while covered < self.ram.pages:
-            event = next(events, Closed())
+            event = backlog.popleft() if backlog else None
+            if event is None:
+                backlog.extend(link.receive())
+                continue
             if isinstance(event, PeerError | Closed):
                 self._log_end(link, event)
                 return
@@ -137,34 +141,40 @@ class PageServer:
                 raise ProtocolError(f"expected HAVE from page {covered}, got {event}")
             sent[event.first:event.first + event.count] = _bits_to_bytes(event.bitmap, event.count)
             covered += event.count
+        link.pending[:0] = backlog  # what came with the last HAVE (a COMPLETE): read during the push
         with self._lock:
             self._sent = sent
         log.info("push channel: the destination has %d pages; pushing the other %d",
                  self.ram.pages - sent.count(0), sent.count(0))
         self.released.wait()
-        pushed = self._push_all(link)
+        pushed, end = self._push_all(link)
         self.stats.pushed_pages += pushed
-        link.send(link.conn.send_done(pushed, self.stats.zero_pages))
-        log.info("push stream done: %d pages pushed", pushed)
-        for event in events:
-            if isinstance(event, Complete):
-                self.complete.set()
-                return
-            if isinstance(event, PeerError | Closed):
-                self._log_end(link, event)
-                return
+        if end is None:
+            link.send(link.conn.send_done(pushed, self.stats.zero_pages))
+            log.info("push stream done: %d pages pushed", pushed)
+            end = next((e for e in link.events() if isinstance(e, Complete | PeerError | Closed)), Closed())
+        else:
+            log.info("push stream stopped after %d pages: the destination needs no more", pushed)
+        if isinstance(end, Complete):
+            self.complete.set()
+        else:
+            self._log_end(link, end)
 
-    def _push_all(self, link: Link) -> int:
+    def _push_all(self, link: Link) -> tuple[int, Complete | PeerError | Closed | None]:
         """Push every page not sent yet: the pages after recent faults first
-        (pre-paging), then the rest in order."""
+        (pre-paging), then the rest in order.
+
+        Returns the pages pushed and None, or, if the destination said
+        COMPLETE (it has every page, e.g. from faults) or went away before
+        the push was through, that event.
+        """
         pushed = 0
         cursor = 0
         started = time.monotonic()
         while True:
-            if self.push_rate:
-                ahead = pushed * PAGE_SIZE / self.push_rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
+            ahead = pushed * PAGE_SIZE / self.push_rate - (time.monotonic() - started) if self.push_rate else 0.0
+            if (stop := self._push_interrupted(link, ahead)) is not None:
+                return pushed, stop
             with self._lock:
                 limit: int | None = None
                 if self._hot:
@@ -175,7 +185,7 @@ class PageServer:
                 else:
                     start = self._sent.find(0, cursor)
                     if start < 0:
-                        return pushed
+                        return pushed, None
                 run_end = min(start + PUSH_RUN, limit or self.ram.pages)
                 end = self._sent.find(1, start, run_end)
                 end = run_end if end < 0 else end
@@ -186,6 +196,21 @@ class PageServer:
             elif end < limit:
                 with self._lock:
                     self._hot.appendleft((end, limit))  # keep following this fault
+
+    def _push_interrupted(self, link: Link, wait: float) -> Complete | PeerError | Closed | None:
+        """Between two push frames: what the destination said on the push
+        channel, waiting up to ``wait`` seconds (the rate cap) for it; None if
+        nothing, and the push goes on. A capped push must not outlive a
+        destination that already has every page."""
+        deadline = time.monotonic() + wait
+        while not self.complete.is_set():
+            for event in link.poll(max(0.0, deadline - time.monotonic())):
+                if isinstance(event, Complete | PeerError | Closed):
+                    return event
+                raise RemoteProtocolError(f"{type(event).__name__} on the push channel during the push")
+            if time.monotonic() >= deadline:
+                return None
+        return Complete()
 
     # ---- sending pages ------------------------------------------------------------
 

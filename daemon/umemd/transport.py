@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import select
 import socket
 import ssl
 import threading
@@ -106,6 +107,16 @@ class Link:
             events.append(event)
         self.flush()
         return events
+
+    def poll(self, timeout: float = 0.0) -> list[Event]:
+        """Like :meth:`receive`, but read only if data arrives within ``timeout``
+        seconds (0: don't wait); [] if nothing did."""
+        if self.pending:
+            return self.receive()
+        buffered = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
+        if buffered or select.select([self.sock], [], [], max(timeout, 0.0))[0]:
+            return self.receive()
+        return []
 
     def events(self) -> Iterator[Event]:
         """Every event until the peer closes; RemoteProtocolError on bad input."""

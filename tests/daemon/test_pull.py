@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 
 import pytest
 
@@ -73,3 +74,24 @@ def test_pull_killed_and_restarted_attaches_and_finishes(migration: Migration) -
     report = finish(migration, guest)
     assert report["attached"] is True
     assert serve.proc.returncode == 0
+
+
+def test_capped_push_ends_when_faults_fetched_everything(migration: Migration) -> None:
+    """The guest's final checksum read faults every page in on demand while
+    the push crawls at 0.01 MiB/s: after its first 1 MiB frame the push
+    waits 100 s. Serve must hear COMPLETE in that wait and exit right after
+    the pull, not when the wait ends."""
+    pull = migration.pull()
+    guest = migration.guest("sequential", threads=1, touches=10)
+    serve = migration.serve("--max-push-rate", "0.01", "--prepage", "64")
+    out, _ = guest.communicate(timeout=600)
+    assert guest.returncode == 0, out
+    assert out.split()[-1] == source_digest(migration), "the mapped memory differs from the source"
+    assert pull.wait() == 0, pull.text()
+    pulled = time.monotonic()
+    assert serve.wait(timeout=60) == 0, serve.text()
+    assert time.monotonic() - pulled < 10, "serve outlived the finished pull"
+    report = migration.pull_report()
+    assert report["present"] == PAGES
+    assert int(str(report["pushed_pages"])) < PAGES // 10, "the push, not the faults, fetched the pages"
+    assert "push stream stopped" in serve.text()
