@@ -108,7 +108,7 @@ def test_table_marks_postcopy_only_rows() -> None:
                {"mode": "postcopy", "ok": True, "total_ms": 3000, "bytes": 2e8, "verify_failures": 0,
                 "page_requests": {"requests": 30, "p50_ms": 4.0, "p99_ms": 11.0}}]
     text = report.table(records, [("precopy", "pre-copy", False), ("postcopy", "postcopy-ram", True)])
-    assert "| total time, s (source `total-time`) | 1.5 | 2.0 (1.0-3.0) |" in text
+    assert "the pull's last fill) | 1.5 | 2.0 (1.0-3.0) |" in text
     assert "| page-request latency p50, ms | n/a | 3.0 (2.0-4.0) |" in text
     assert "| verify failures (BAD pages, all passes, both sides) | 0 in 1 runs | 0 in 2 runs |" in text
 
