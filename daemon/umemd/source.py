@@ -117,11 +117,15 @@ class PageServer:
                 return
 
     def _send_demand(self, link: Link, page: int) -> None:
-        end = min(page + self.prepage, self.ram.pages)
-        self.stats.demand_pages += self._send_range(link, page, end)
+        """The requested page (even if pushed already: it has not arrived), then the pages
+        after it up to ``prepage`` in all, stopping at the first one already sent."""
         with self._lock:
+            limit = min(page + self.prepage, self.ram.pages)
+            end = self._sent.find(1, page + 1, limit)
+            end = limit if end < 0 else end
             self._sent[page:end] = b"\x01" * (end - page)
             self._hot.append((end, min(end + PUSH_AFTER_FAULT, self.ram.pages)))
+        self.stats.demand_pages += self._send_range(link, page, end)
 
     # ---- push -----------------------------------------------------------------
 
