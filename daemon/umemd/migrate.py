@@ -5,8 +5,9 @@ destination's ``umemd pull`` through its status endpoint (umemd.status); it
 starts nothing itself. The order (BRIEF §4, docs/operations.md):
 
 1. the pull daemon answers on its status endpoint (it holds the instance and
-   collects faults) and the destination QEMU maps that instance's node and
-   waits in ``inmigrate`` (``-incoming defer``);
+   collects faults), a page server is connected to it, and the destination
+   QEMU maps that instance's node and waits in ``inmigrate`` (``-incoming
+   defer``);
 2. ``x-ignore-shared`` on both sides (``-postcopy`` sets it; set here when it
    is not), ``postcopy-ram`` off: guest RAM is not on the migration stream;
 3. ``migrate-incoming`` on the destination, then ``migrate`` on the source;
@@ -36,7 +37,7 @@ from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.message import Message
 
-from umemd.errors import UmemError
+from umemd.errors import ConnectError, UmemError
 from umemd.status import first_status, read_status
 from umemd.transport import Endpoint
 
@@ -162,6 +163,11 @@ async def migrate(opts: MigrateOptions) -> dict[str, Any]:
     if ready.get("state") not in ("ready", "pulling"):
         raise MigrationError(f"umemd pull at {opts.dst_status} is {ready.get('state')!r}, not ready: "
                              f"start a fresh one for this migration")
+    try:  # the page server connected: the destination's device load will find its pages
+        ready = await first_status(opts.dst_status, opts.ready_timeout, lambda doc: doc["state"] != "ready")
+    except ConnectError as e:
+        raise MigrationError(f"{e}: no page server is connected to it; start `umemd serve RAMFILE --connect "
+                             f"DEST:PORT --qmp SOCKET ...` on the source (or check its log)") from e
     src = await connect_qmp("umemd-migrate-src", opts.src_qmp, "source")
     dst = await connect_qmp("umemd-migrate-dst", opts.dst_qmp, "destination")
     src_events, dst_events = EventClock(("STOP",)), EventClock(("RESUME",))

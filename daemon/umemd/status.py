@@ -126,24 +126,29 @@ async def read_status(endpoint: Endpoint, on_line: Callable[[dict[str, Any]], No
                        f"(last state: {last.get('state', 'never answered')})")
 
 
-async def first_status(endpoint: Endpoint, timeout: float) -> dict[str, Any]:
-    """The first status line of the daemon at ``endpoint`` (it is up and holds its instance)."""
+async def first_status(endpoint: Endpoint, timeout: float,
+                       until: Callable[[dict[str, Any]], bool] = lambda doc: True) -> dict[str, Any]:
+    """The first status line of the daemon at ``endpoint`` for which ``until`` holds (by default
+    any: the daemon is up and holds its instance); ConnectError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
+    last: dict[str, Any] = {}
     while time.monotonic() < deadline:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(endpoint.host, endpoint.port, limit=MAX_LINE), 5)
             try:
-                line = await asyncio.wait_for(reader.readline(), 5)
+                while line := await asyncio.wait_for(reader.readline(), max(0.1, deadline - time.monotonic())):
+                    last = json.loads(line)
+                    if until(last):
+                        return last
             finally:
                 writer.close()
-            if line:
-                doc: dict[str, Any] = json.loads(line)
-                return doc
             last_error = EOFError("closed without a status line")
         except (OSError, TimeoutError, ValueError) as e:
             last_error = e
         await asyncio.sleep(0.5)
+    if last:
+        raise ConnectError(f"umemd pull at {endpoint} is still {last.get('state')!r} after {timeout:.0f} s")
     raise ConnectError(f"no umemd pull status at {endpoint} within {timeout:.0f} s ({last_error}): start "
                        f"`umemd pull NAME --size SIZE --status {endpoint} ...` on the destination first")

@@ -8,6 +8,9 @@ import socket
 import time
 from typing import Any
 
+import pytest
+
+from umemd import cli
 from umemd.migrate import QmpAddress, interval_series
 from umemd.status import StatusServer, read_status
 from umemd.transport import Endpoint
@@ -76,3 +79,17 @@ def test_qmp_addresses_are_paths_or_host_and_port() -> None:
     assert QmpAddress("/run/vm1.qmp").target() == "/run/vm1.qmp"
     assert QmpAddress("dest:4449").target() == ("dest", 4449)
     assert QmpAddress("[::1]:4449").target() == ("::1", 4449)
+
+
+def test_migrate_waits_for_a_page_server_and_says_when_none_came(caplog: pytest.LogCaptureFixture) -> None:
+    endpoint = free_endpoint()
+    server = StatusServer(endpoint, lambda: {"state": "ready", "name": "vm1", "node": "/dev/umem/vm1"})
+    server.start()
+    try:
+        status = cli.main(["migrate", "--src-qmp", "/nonexistent.qmp", "--dst-qmp", "127.0.0.1:9",
+                           "--dst-status", str(endpoint), "--uri", "tcp:127.0.0.1:9", "--ready-timeout", "2"])
+    finally:
+        server.finish({"state": "failed"})
+    assert status == cli.EXIT_FAILED
+    assert "is still 'ready'" in caplog.text and "no page server is connected" in caplog.text
+    assert "umemd serve" in caplog.text
