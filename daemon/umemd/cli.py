@@ -23,6 +23,7 @@ from umemd.destination import Puller, open_instance
 from umemd.device import CONTROL_PATH, Control, node_path
 from umemd.errors import ModuleNotLoadedError, UmemError
 from umemd.migrate import MigrateOptions, QmpAddress, migrate, summary, terminal_progress, write_plot
+from umemd.priority import short_gil_slices
 from umemd.protocol import Role
 from umemd.qmpwatch import release_when_stopped
 from umemd.ramfile import RamFile
@@ -36,9 +37,6 @@ log = logging.getLogger("umemd")
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_MODULE = 3
-# The GIL switch interval of serve and pull, in seconds: a demand thread woken by
-# a fault must not wait the default 5 ms while the push thread runs Python.
-DEMAND_SWITCH_INTERVAL = 0.0005
 
 DESCRIPTION = """\
 umemd moves a guest's RAM after a post-copy live migration. On the
@@ -135,7 +133,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    sys.setswitchinterval(DEMAND_SWITCH_INTERVAL)
+    short_gil_slices()
     ram = RamFile(args.ramfile)
     stop = threading.Event()
     released = threading.Event()
@@ -182,7 +180,7 @@ def wait_for_module(seconds: float) -> None:
 def cmd_pull(args: argparse.Namespace) -> int:
     if args.wait_module:
         wait_for_module(args.wait_module)
-    sys.setswitchinterval(DEMAND_SWITCH_INTERVAL)
+    short_gil_slices()
     stop = threading.Event()
     with Control(args.control) as control:
         server, attached = open_instance(control, args.name, args.size)

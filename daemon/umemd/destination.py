@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import selectors
 import threading
 import time
@@ -26,6 +25,7 @@ from collections.abc import Callable
 
 from umemd.device import Control, Server
 from umemd.errors import ConnectError, InstanceExistsError, ProtocolError, UmemError
+from umemd.priority import favour_this_thread
 from umemd.protocol import (
     MAX_HAVE_PAGES,
     MAX_REQUEST_PAGES,
@@ -45,7 +45,6 @@ from umemd.transport import Dialer, Link
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.25  # seconds between completion checks while idle
-DEMAND_NICE = -10  # the demand thread's nice value (the push thread keeps the process's)
 
 
 class SizeMismatchError(UmemError):
@@ -131,11 +130,7 @@ class Puller:
     # ---- demand ---------------------------------------------------------------
 
     def _demand_loop(self) -> None:
-        # Faulting vCPUs wait on this thread: when a fault wakes it, the
-        # scheduler should run it at once rather than finish another's slice.
-        # (Raising priority needs CAP_SYS_NICE; without it, it runs as it is.)
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DEMAND_NICE)
+        favour_this_thread()
         while (link := self._link(Channel.DEMAND)) is not None:
             try:
                 self._serve_faults(link)

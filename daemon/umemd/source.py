@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from umemd.errors import ConnectError, ProtocolError, RemoteProtocolError
+from umemd.priority import favour_this_thread
 from umemd.protocol import (
     MAX_RUN_PAGES,
     Channel,
@@ -106,6 +107,7 @@ class PageServer:
     # ---- demand ---------------------------------------------------------------
 
     def _serve_demand(self, link: Link) -> None:
+        favour_this_thread()
         for event in link.events():
             if isinstance(event, Request):
                 self.released.wait()
