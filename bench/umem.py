@@ -41,7 +41,7 @@ from typing import Any
 
 from tests.qemu.harness import CHECKOUT, GuestImage, WorkloadLog
 from umemd.cli import parse_size
-from umemd.status import first_status
+from umemd.migrate import first_status
 from umemd.transport import Endpoint
 
 from .metrics import daemon_requests

@@ -7,7 +7,6 @@ how to fix it), 2 bad usage, 3 the umem module is not loaded.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -22,10 +21,8 @@ from pathlib import Path
 from umemd.destination import Puller, open_instance
 from umemd.device import CONTROL_PATH, Control, node_path
 from umemd.errors import ModuleNotLoadedError, UmemError
-from umemd.migrate import MigrateOptions, QmpAddress, migrate, summary, terminal_progress, write_plot
 from umemd.priority import short_gil_slices
 from umemd.protocol import Role
-from umemd.qmpwatch import release_when_stopped
 from umemd.ramfile import RamFile
 from umemd.source import PREPAGE, PageServer
 from umemd.stats import PullStats
@@ -138,6 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     released = threading.Event()
     if args.qmp:
+        from umemd.qmpwatch import release_when_stopped
+
         release_when_stopped(args.qmp, released)
     else:
         released.set()
@@ -155,8 +154,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    # asyncio and qemu.qmp are imported here, not at the top: pull's start-up (seconds
+    # under TCG, and a restarted pull keeps faulting vCPUs waiting) does not pay for them.
+    import asyncio
+
+    from umemd.migrate import MigrateOptions, QmpAddress, migrate, summary, terminal_progress, write_plot
     incoming = args.incoming or "tcp:0.0.0.0:" + args.uri.rpartition(":")[2]
-    opts = MigrateOptions(args.src_qmp, args.dst_qmp, args.dst_status, args.uri, incoming,
+    opts = MigrateOptions(QmpAddress(args.src_qmp), QmpAddress(args.dst_qmp), args.dst_status, args.uri, incoming,
                           ready_timeout=args.ready_timeout, timeout=args.timeout,
                           progress=None if args.quiet else terminal_progress())
     report = asyncio.run(migrate(opts))
@@ -318,10 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "page before the source guest stops. Prints STOP->RESUME, the time until the last page, "
                        "pages demanded/pushed/hinted, bytes and fault latency. Starts nothing itself; exits 0 "
                        "once every page is present.")
-    p.add_argument("--src-qmp", type=QmpAddress, required=True, metavar="SOCKET",
+    p.add_argument("--src-qmp", required=True, metavar="SOCKET",
                    help="the source QEMU's QMP: a Unix socket path or HOST:PORT (a monitor of its own; "
                    "umemd serve --qmp needs another)")
-    p.add_argument("--dst-qmp", type=QmpAddress, required=True, metavar="SOCKET",
+    p.add_argument("--dst-qmp", required=True, metavar="SOCKET",
                    help="the destination QEMU's QMP: a Unix socket path or HOST:PORT")
     p.add_argument("--dst-status", type=Endpoint.parse, required=True, metavar="HOST:PORT",
                    help="the status endpoint of the destination's umemd pull (its --status)")

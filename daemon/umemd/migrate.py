@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import sys
 import time
@@ -38,7 +39,7 @@ from qemu.qmp.error import QMPError
 from qemu.qmp.message import Message
 
 from umemd.errors import ConnectError, UmemError
-from umemd.status import first_status, read_status
+from umemd.status import MAX_LINE
 from umemd.transport import Endpoint
 
 log = logging.getLogger(__name__)
@@ -345,3 +346,67 @@ def _bucket_percentile(buckets: dict[str, int], fraction: float) -> float:
         if count and seen >= fraction * count:
             return float(key[1:-2])
     return 0.0
+
+
+# ---- the pull's status endpoint, client side (umemd.status) ------------------------
+
+
+async def read_status(endpoint: Endpoint, on_line: Callable[[dict[str, Any]], None], *,
+                      deadline: float) -> dict[str, Any]:
+    """Follow a pull daemon's status until it says ``complete`` or ``failed``.
+
+    Reconnects (the daemon may be restarted) until ``deadline`` (monotonic);
+    calls ``on_line`` with every line; returns the last one.
+    """
+    last: dict[str, Any] = {}
+    backoff = 0.1
+    while time.monotonic() < deadline:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(endpoint.host, endpoint.port, limit=MAX_LINE), 5)
+        except (OSError, TimeoutError):
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+            continue
+        try:
+            while line := await asyncio.wait_for(reader.readline(), max(1.0, deadline - time.monotonic())):
+                last = json.loads(line)
+                backoff = 0.1
+                on_line(last)
+                if last.get("state") in ("complete", "failed"):
+                    return last
+        except (OSError, TimeoutError, ValueError):
+            pass
+        finally:
+            writer.close()
+        await asyncio.sleep(backoff)
+    raise TimeoutError(f"umemd pull's status at {endpoint} did not report completion in time "
+                       f"(last state: {last.get('state', 'never answered')})")
+
+
+async def first_status(endpoint: Endpoint, timeout: float,
+                       until: Callable[[dict[str, Any]], bool] = lambda doc: True) -> dict[str, Any]:
+    """The first status line of the daemon at ``endpoint`` for which ``until`` holds (by default
+    any: the daemon is up and holds its instance); ConnectError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(endpoint.host, endpoint.port, limit=MAX_LINE), 5)
+            try:
+                while line := await asyncio.wait_for(reader.readline(), max(0.1, deadline - time.monotonic())):
+                    last = json.loads(line)
+                    if until(last):
+                        return last
+            finally:
+                writer.close()
+            last_error = EOFError("closed without a status line")
+        except (OSError, TimeoutError, ValueError) as e:
+            last_error = e
+        await asyncio.sleep(0.5)
+    if last:
+        raise ConnectError(f"umemd pull at {endpoint} is still {last.get('state')!r} after {timeout:.0f} s")
+    raise ConnectError(f"no umemd pull status at {endpoint} within {timeout:.0f} s ({last_error}): start "
+                       f"`umemd pull NAME --size SIZE --status {endpoint} ...` on the destination first")

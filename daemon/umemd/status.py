@@ -5,7 +5,8 @@ migrate --dst-status``) gets one JSON object per line every
 :data:`INTERVAL` seconds — the instance's name and node, the state, and the
 counters of :meth:`umemd.stats.PullStats.report` — and a last line with
 ``"state": "complete"`` (or ``"failed"``) before the daemon exits. It is
-read-only: nothing a client sends is read. See docs/protocol.md.
+read-only: nothing a client sends is read. See docs/protocol.md; the client
+side is in umemd.migrate.
 
 States: ``ready`` (the instance exists and faults are being collected; no
 source yet), ``pulling`` (a source is connected), ``complete``, ``failed``.
@@ -13,13 +14,11 @@ source yet), ``pulling`` (a source is connected), ``complete``, ``failed``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -91,64 +90,3 @@ class StatusServer(threading.Thread):
                 log.info("status client dropped: %s", e)
                 self._clients.remove(client)
                 client.close()
-
-
-async def read_status(endpoint: Endpoint, on_line: Callable[[dict[str, Any]], None], *,
-                      deadline: float) -> dict[str, Any]:
-    """Follow a pull daemon's status until it says ``complete`` or ``failed``.
-
-    Reconnects (the daemon may be restarted) until ``deadline`` (monotonic);
-    calls ``on_line`` with every line; returns the last one.
-    """
-    last: dict[str, Any] = {}
-    backoff = 0.1
-    while time.monotonic() < deadline:
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(endpoint.host, endpoint.port, limit=MAX_LINE), 5)
-        except (OSError, TimeoutError):
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
-            continue
-        try:
-            while line := await asyncio.wait_for(reader.readline(), max(1.0, deadline - time.monotonic())):
-                last = json.loads(line)
-                backoff = 0.1
-                on_line(last)
-                if last.get("state") in ("complete", "failed"):
-                    return last
-        except (OSError, TimeoutError, ValueError):
-            pass
-        finally:
-            writer.close()
-        await asyncio.sleep(backoff)
-    raise TimeoutError(f"umemd pull's status at {endpoint} did not report completion in time "
-                       f"(last state: {last.get('state', 'never answered')})")
-
-
-async def first_status(endpoint: Endpoint, timeout: float,
-                       until: Callable[[dict[str, Any]], bool] = lambda doc: True) -> dict[str, Any]:
-    """The first status line of the daemon at ``endpoint`` for which ``until`` holds (by default
-    any: the daemon is up and holds its instance); ConnectError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(endpoint.host, endpoint.port, limit=MAX_LINE), 5)
-            try:
-                while line := await asyncio.wait_for(reader.readline(), max(0.1, deadline - time.monotonic())):
-                    last = json.loads(line)
-                    if until(last):
-                        return last
-            finally:
-                writer.close()
-            last_error = EOFError("closed without a status line")
-        except (OSError, TimeoutError, ValueError) as e:
-            last_error = e
-        await asyncio.sleep(0.5)
-    if last:
-        raise ConnectError(f"umemd pull at {endpoint} is still {last.get('state')!r} after {timeout:.0f} s")
-    raise ConnectError(f"no umemd pull status at {endpoint} within {timeout:.0f} s ({last_error}): start "
-                       f"`umemd pull NAME --size SIZE --status {endpoint} ...` on the destination first")

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from umemd import cli
-from umemd.migrate import QmpAddress, interval_series
-from umemd.status import StatusServer, read_status
+from umemd.migrate import QmpAddress, interval_series, read_status
+from umemd.status import StatusServer
 from umemd.transport import Endpoint
 
 
