@@ -169,17 +169,23 @@ async def migrate(opts: MigrateOptions) -> dict[str, Any]:
     except ConnectError as e:
         raise MigrationError(f"{e}: no page server is connected to it; start `umemd serve RAMFILE --connect "
                              f"DEST:PORT --qmp SOCKET ...` on the source (or check its log)") from e
-    src = await connect_qmp("umemd-migrate-src", opts.src_qmp, "source")
-    dst = await connect_qmp("umemd-migrate-dst", opts.dst_qmp, "destination")
-    src_events, dst_events = EventClock(("STOP",)), EventClock(("RESUME",))
-    src.register_listener(src_events)
-    dst.register_listener(dst_events)
+    if ready["state"] != "pulling":
+        raise MigrationError(f"umemd pull at {opts.dst_status} ended {ready['state']!r} before the migration: "
+                             f"see its log")
+    clients: list[QMPClient] = []
     try:
+        src = await connect_qmp("umemd-migrate-src", opts.src_qmp, "source")
+        clients.append(src)
+        dst = await connect_qmp("umemd-migrate-dst", opts.dst_qmp, "destination")
+        clients.append(dst)
+        src_events, dst_events = EventClock(("STOP",)), EventClock(("RESUME",))
+        src.register_listener(src_events)
+        dst.register_listener(dst_events)
         return await _run(opts, src, dst, ready, src_events, dst_events)
     except QMPError as e:
         raise MigrationError(f"QMP: {e}") from e
     finally:
-        for client in (src, dst):
+        for client in clients:
             with contextlib.suppress(Exception):
                 await client.disconnect()
 
