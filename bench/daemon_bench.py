@@ -39,9 +39,11 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
+
+from tests.daemon.netns import veth_namespace
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGS = ROOT / "build" / "bench-daemon-logs"
@@ -327,33 +329,6 @@ def fault_latencies(result: dict[str, Any]) -> list[float]:
     return [us for _, us, missing in result["touches"] if missing]
 
 
-def setup_netns() -> None:
-    from pyroute2 import IPRoute, NetNS, netns
-
-    subprocess.run(["modprobe", "veth"], check=True)
-    netns.create(NETNS)
-    with IPRoute() as ipr:
-        ipr.link("add", ifname="umb0", kind="veth", peer={"ifname": "umb1", "net_ns_fd": NETNS})
-        index = ipr.link_lookup(ifname="umb0")[0]
-        ipr.addr("add", index=index, address=HERE, prefixlen=24)
-        ipr.link("set", index=index, state="up")
-    with NetNS(NETNS) as ns:
-        for dev, address in (("lo", None), ("umb1", THERE)):
-            i = ns.link_lookup(ifname=dev)[0]
-            if address:
-                ns.addr("add", index=i, address=address, prefixlen=24)
-            ns.link("set", index=i, state="up")
-
-
-def teardown_netns() -> None:
-    from pyroute2 import IPRoute, netns
-
-    with IPRoute() as ipr:
-        if ipr.link_lookup(ifname="umb0"):
-            ipr.link("del", ifname="umb0")
-    netns.remove(NETNS)
-
-
 def make_source(path: Path, size: int) -> None:
     """Every page distinct and non-zero (its number, then random bytes): no
     hole and no zero page, so no ZERO hint flatters the push."""
@@ -470,10 +445,8 @@ def bench_main(args: argparse.Namespace) -> int:
     data: dict[str, Any] = {"size_mib": args.size_mib, "throughput": {},
                             "latency": {"demand-only": [], "with-push": []}, "prepage": {}}
     links = [False, True] if args.veth else [False]
-    if args.veth:
-        setup_netns()
     loadavg = [os.getloadavg()[0]]
-    try:
+    with veth_namespace(NETNS, "umb0", "umb1", HERE, THERE) if args.veth else nullcontext():
         for i in range(args.runs):
             for netns in links:
                 link = "veth" if netns else "lo"
@@ -490,9 +463,6 @@ def bench_main(args: argparse.Namespace) -> int:
                     data["prepage"].setdefault(f"{pattern}, --prepage {prepage}", []).append(result)
             print(f"run {i + 1}/{args.runs} done, {time.monotonic() - t0:.0f} s", flush=True)
             loadavg.append(os.getloadavg()[0])
-    finally:
-        if args.veth:
-            teardown_netns()
     uname = platform.uname()
     context = (f"Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(began))} "
                f"({(time.monotonic() - t0) / 60:.0f} min) inside the test VM: kernel {uname.release}, "

@@ -7,53 +7,24 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
-from pyroute2 import IPRoute, NetNS, netns
+from pyroute2 import IPRoute, NetNS
 
 from .conftest import PAGE, SOURCE_SIZE, Migration
+from .netns import LinkPair, veth_namespace
 from .test_pull import finish, started_but_unfinished
 
 HERE, THERE = "10.77.0.1", "10.77.0.2"
 
 
-@dataclass
-class LinkPair:
-    netns: str
-    ifname: str
-    index: int
-
-    def set_state(self, state: str) -> None:
-        with IPRoute() as ipr:
-            ipr.link("set", index=self.index, state=state)
-
-
 @pytest.fixture
 def source_host() -> Iterator[LinkPair]:
     """A namespace for the source, reached from here over a veth pair."""
-    for module in ("veth", "sch_netem", "sch_tbf"):
+    for module in ("sch_netem", "sch_tbf"):
         subprocess.run(["modprobe", module], check=True)
-    name, ifname = f"umemsrc{os.getpid()}", "umv0"
-    netns.create(name)
-    try:
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": "umv1", "net_ns_fd": name})
-            index = ipr.link_lookup(ifname=ifname)[0]
-            ipr.addr("add", index=index, address=HERE, prefixlen=24)
-            ipr.link("set", index=index, state="up")
-        with NetNS(name) as ns:
-            for dev, address in (("lo", None), ("umv1", THERE)):
-                i = ns.link_lookup(ifname=dev)[0]
-                if address:
-                    ns.addr("add", index=i, address=address, prefixlen=24)
-                ns.link("set", index=i, state="up")
-        yield LinkPair(name, ifname, index)
-    finally:
-        with IPRoute() as ipr:
-            if ipr.link_lookup(ifname=ifname):
-                ipr.link("del", ifname=ifname)
-        netns.remove(name)
+    with veth_namespace(f"umemsrc{os.getpid()}", "umv0", "umv1", HERE, THERE) as link:
+        yield link
 
 
 def shape(link: LinkPair) -> str:
@@ -62,7 +33,7 @@ def shape(link: LinkPair) -> str:
         ipr.tc("add", "tbf", index=link.index, handle="1:", rate="1gbit", burst=1 << 20, latency=50000)
         ipr.tc("add", "netem", index=link.index, parent="1:1", handle="10:", delay=1000)
     with NetNS(link.netns) as ns:
-        ns.tc("add", "netem", index=ns.link_lookup(ifname="umv1")[0], delay=1000)
+        ns.tc("add", "netem", index=ns.link_lookup(ifname=link.peer)[0], delay=1000)
     return subprocess.run(["tc", "qdisc", "show", "dev", link.ifname], capture_output=True, text=True).stdout
 
 
