@@ -302,26 +302,16 @@ async def _run_migrate(argv: list[str], log_path: Path, echo: bool, side: UmemSi
 
 async def wait_partly_present(side: UmemSide, low: float = 0.05, high: float = 0.8,
                               timeout: float = 600) -> dict[str, Any]:
-    """Follow the pull's status until the source is serving and between ``low`` and ``high``
-    of the pages are present; the status line then (pages are still missing)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError, TimeoutError):
-            reader, writer = await asyncio.open_connection(side.status.host, side.status.port, limit=1 << 20)
-            try:
-                while line := await asyncio.wait_for(reader.readline(), 10):
-                    status: dict[str, Any] = json.loads(line)
-                    share = status["present"] / status["pages"]
-                    if status["state"] == "pulling" and low <= share:
-                        if share > high:
-                            raise AssertionError(f"{share:.0%} of the pages were present before the fault could "
-                                                 f"be injected: slow the push (serve --max-push-rate)")
-                        return status
-            finally:
-                writer.close()
-        await asyncio.sleep(0.2)
-    raise TimeoutError("the pull never reached a partly present state")
-
+    """Follow the pull's status until the source is serving and at least ``low`` of the pages
+    are present; that status line, after checking that no more than ``high`` are (pages are
+    still missing when the fault is injected)."""
+    status = await first_status(side.status, timeout,
+                                lambda doc: doc["state"] == "pulling" and doc["present"] >= low * doc["pages"])
+    share = status["present"] / status["pages"]
+    if share > high:
+        raise AssertionError(f"{share:.0%} of the pages were present before the fault could be injected: "
+                             f"slow the push (serve --max-push-rate)")
+    return status
 
 class UmemMode(Mode):
     """umem: the destination's RAM is /dev/umem/<name>, umemd moves it (the fourth column).

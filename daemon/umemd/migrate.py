@@ -359,44 +359,25 @@ def _bucket_percentile(buckets: dict[str, int], fraction: float) -> float:
 
 async def read_status(endpoint: Endpoint, on_line: Callable[[dict[str, Any]], None], *,
                       deadline: float) -> dict[str, Any]:
-    """Follow a pull daemon's status until it says ``complete`` or ``failed``.
-
-    Reconnects (the daemon may be restarted) until ``deadline`` (monotonic);
-    calls ``on_line`` with every line; returns the last one.
-    """
-    last: dict[str, Any] = {}
-    backoff = 0.1
-    while time.monotonic() < deadline:
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(endpoint.host, endpoint.port, limit=MAX_LINE), 5)
-        except (OSError, TimeoutError):
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
-            continue
-        try:
-            while line := await asyncio.wait_for(reader.readline(), max(1.0, deadline - time.monotonic())):
-                last = json.loads(line)
-                backoff = 0.1
-                on_line(last)
-                if last.get("state") in ("complete", "failed"):
-                    return last
-        except (OSError, TimeoutError, ValueError):
-            pass
-        finally:
-            writer.close()
-        await asyncio.sleep(backoff)
-    raise TimeoutError(f"umemd pull's status at {endpoint} did not report completion in time "
-                       f"(last state: {last.get('state', 'never answered')})")
+    """Follow a pull daemon's status until it says ``complete`` or ``failed``, calling
+    ``on_line`` with every line; returns the last one."""
+    return await follow_status(endpoint, lambda doc: doc.get("state") in ("complete", "failed"), deadline, on_line)
 
 
 async def first_status(endpoint: Endpoint, timeout: float,
                        until: Callable[[dict[str, Any]], bool] = lambda doc: True) -> dict[str, Any]:
     """The first status line of the daemon at ``endpoint`` for which ``until`` holds (by default
-    any: the daemon is up and holds its instance); ConnectError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
+    any: the daemon is up and holds its instance), within ``timeout`` seconds."""
+    return await follow_status(endpoint, until, time.monotonic() + timeout)
+
+
+async def follow_status(endpoint: Endpoint, until: Callable[[dict[str, Any]], bool], deadline: float,
+                        on_line: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Read status lines, reconnecting with backoff (the daemon may be restarted), until one
+    satisfies ``until``; ConnectError at ``deadline`` (monotonic), naming what was seen."""
     last: dict[str, Any] = {}
+    last_error: BaseException | None = None
+    backoff = 0.1
     while time.monotonic() < deadline:
         try:
             reader, writer = await asyncio.wait_for(
@@ -404,6 +385,9 @@ async def first_status(endpoint: Endpoint, timeout: float,
             try:
                 while line := await asyncio.wait_for(reader.readline(), max(0.1, deadline - time.monotonic())):
                     last = json.loads(line)
+                    backoff = 0.1
+                    if on_line:
+                        on_line(last)
                     if until(last):
                         return last
             finally:
@@ -411,8 +395,9 @@ async def first_status(endpoint: Endpoint, timeout: float,
             last_error = EOFError("closed without a status line")
         except (OSError, TimeoutError, ValueError) as e:
             last_error = e
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 2.0)
     if last:
-        raise ConnectError(f"umemd pull at {endpoint} is still {last.get('state')!r} after {timeout:.0f} s")
-    raise ConnectError(f"no umemd pull status at {endpoint} within {timeout:.0f} s ({last_error}): start "
+        raise ConnectError(f"umemd pull at {endpoint} is still {last.get('state')!r} at the deadline")
+    raise ConnectError(f"no umemd pull status at {endpoint} in time ({last_error}): start "
                        f"`umemd pull NAME --size SIZE --status {endpoint} ...` on the destination first")
