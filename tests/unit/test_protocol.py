@@ -24,6 +24,7 @@ from umemd.protocol import (
     Have,
     Info,
     Pages,
+    PeerError,
     Request,
     Role,
     State,
@@ -220,8 +221,11 @@ def test_any_corrupted_byte_is_caught_or_harmless(position: int, value: int) -> 
     else:
         # No checksum in the frame (TCP's and TLS's cover that): a byte can turn
         # it into another valid frame, but never into one the codec should refuse.
+        # ERROR is valid in every state (docs/protocol.md) and ends the connection.
         for e in got:
-            assert isinstance(e, Zero | Done)
+            assert isinstance(e, Zero | Done | PeerError)
             if isinstance(e, Zero):
                 assert e.offset + e.count * PAGE_SIZE <= RAM
+            if isinstance(e, PeerError):
+                assert dst.state is State.CLOSED
 
