@@ -22,7 +22,7 @@ PY_SOURCES := $(shell find daemon tests -name '*.py' -not -path '*/__pycache__/*
 
 PYTEST_ARGS ?= -q
 VM := $(PY) -m tests.vm
-VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev kernel/60-umem.rules --env UMEM_KMOD=$(CURDIR)/kernel/umem.ko --env UMEM_IN_VM=1
+VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev --env UMEM_KMOD=$(CURDIR)/kernel/umem.ko --env UMEM_IN_VM=1
 
 -include qemu-patches/qemu.mk
 
@@ -122,7 +122,7 @@ bench-kernel: abi kmod $(BUILD)/fault_bench
 # into docs/performance.md (generated block), every run into build/bench-daemon.json.
 bench-daemon: abi kmod
 	$(PY) -m compileall -q daemon tests bench
-	$(VM) --console-log $(BUILD)/vm-bench-daemon-console.log --udev kernel/60-umem.rules \
+	$(VM) --console-log $(BUILD)/vm-bench-daemon-console.log --udev \
 		--env UMEM_KMOD=$(CURDIR)/kernel/umem.ko --env UMEM_IN_VM=1 --timeout 3600 -- \
 		sh -c "insmod $(CURDIR)/kernel/umem.ko && udevadm settle && $(PY) -m bench.daemon_bench \
 		--out $(CURDIR)/$(BUILD)/bench-daemon.json --doc $(CURDIR)/docs/performance.md $(BENCH_DAEMON_ARGS)"
@@ -130,7 +130,7 @@ bench-daemon: abi kmod
 # One VM boot: py-spy profiles of both daemons behind the bench-daemon table
 # (build/profile-daemon-*.txt); py-spy comes with the venv (daemon/requirements.txt).
 bench-daemon-profile: abi kmod
-	$(VM) --console-log $(BUILD)/vm-bench-daemon-console.log --udev kernel/60-umem.rules \
+	$(VM) --console-log $(BUILD)/vm-bench-daemon-console.log --udev \
 		--env UMEM_KMOD=$(CURDIR)/kernel/umem.ko --env UMEM_IN_VM=1 --timeout 1800 -- \
 		sh -c "insmod $(CURDIR)/kernel/umem.ko && udevadm settle && $(PY) -m bench.daemon_bench profile"
 

@@ -6,6 +6,13 @@
  * Every caller must first agree on the API with UMEM_API; until then every
  * other command fails with EINVAL. The registry of instances is guarded by
  * one mutex, umem_lock, taken killably.
+ *
+ * Minors are handed out in increasing order over the whole minor space,
+ * wrapping at its end (umem_alloc_minor()): an open finds its instance by
+ * minor, so a minor must not come back while stale references to its
+ * old node (an O_PATH fd, a bind mount, a mknod copy in a container's
+ * /dev) may still be around. One comes back only after the allocator has
+ * gone round all UMEM_MINOR_COUNT minors since it was freed.
  */
 #include <linux/ctype.h>
 #include <linux/device.h>
@@ -18,10 +25,12 @@
 #include <linux/slab.h>
 #include <linux/string.h>
 #include <linux/uaccess.h>
+#include <linux/user_namespace.h>
 
 #include "umem.h"
 
-#define UMEM_MINORS 1024
+#define UMEM_MINOR_COUNT (1U << MINORBITS)
+#define UMEM_MAX_INSTANCES 1024
 
 enum umem_control_state {
 	UMEM_CONTROL_WAIT_API,
@@ -34,15 +43,17 @@ struct umem_control {
 
 static DEFINE_MUTEX(umem_lock);
 static LIST_HEAD(umem_instances);	/* protected by umem_lock */
+static unsigned int umem_instance_count;	/* protected by umem_lock */
+static unsigned int umem_next_minor;	/* protected by umem_lock */
 static DEFINE_IDA(umem_minor_ida);
 static dev_t umem_devt;
 static struct class *umem_class;
 
-/* Caller holds umem_lock. */
 static struct umem_instance *umem_find_name(const char *name)
 {
 	struct umem_instance *inst;
 
+	lockdep_assert_held(&umem_lock);
 	list_for_each_entry(inst, &umem_instances, node)
 		if (!strcmp(inst->name, name))
 			return inst;
@@ -82,15 +93,85 @@ static int umem_check_name(const char *name)
 	return 0;
 }
 
-/* Give @inst its node and add it to the registry. Caller holds umem_lock. */
+/* The next minor at or after the cursor, wrapping once at the end. */
+static int umem_alloc_minor(void)
+{
+	int minor;
+
+	lockdep_assert_held(&umem_lock);
+	minor = ida_alloc_range(&umem_minor_ida, umem_next_minor,
+				UMEM_MINOR_COUNT - 1, GFP_KERNEL);
+	if (minor == -ENOSPC && umem_next_minor)
+		minor = ida_alloc_range(&umem_minor_ida, 0, UMEM_MINOR_COUNT - 1,
+					GFP_KERNEL);
+	if (minor >= 0)
+		umem_next_minor = (minor + 1) % UMEM_MINOR_COUNT;
+	return minor;
+}
+
+/* devtmpfs and udev (DEVUID, DEVGID, DEVMODE) take the node's owner here. */
+static char *umem_devnode(UMEM_DEVNODE_CONST struct device *dev, umode_t *mode,
+			  kuid_t *uid, kgid_t *gid)
+{
+	struct umem_instance *inst = dev_get_drvdata(dev);
+
+	if (mode)
+		*mode = inst->mode;
+	if (uid)
+		*uid = inst->uid;
+	if (gid)
+		*gid = inst->gid;
+	return NULL;	/* the name: "umem!<name>" with '!' turned into '/' */
+}
+
+static const struct device_type umem_instance_type = {
+	.name		= "umem-instance",
+	.groups		= umem_instance_groups,
+	.devnode	= umem_devnode,
+};
+
+static void umem_device_release(struct device *dev)
+{
+	kfree(dev);
+}
+
+/* Register @inst's device: its sysfs directory, then its node. */
+static int umem_add_device(struct umem_instance *inst, dev_t devt)
+{
+	struct device *dev = kzalloc(sizeof(*dev), GFP_KERNEL);
+	int ret;
+
+	if (!dev)
+		return -ENOMEM;
+	device_initialize(dev);
+	dev->devt = devt;
+	dev->class = umem_class;
+	dev->type = &umem_instance_type;
+	dev->release = umem_device_release;
+	dev_set_drvdata(dev, inst);
+	ret = dev_set_name(dev, "umem!%s", inst->name);
+	if (!ret)
+		ret = device_add(dev);
+	if (ret) {
+		put_device(dev);
+		return ret;
+	}
+	inst->dev = dev;
+	return 0;
+}
+
+/* Give @inst its node and add it to the registry. */
 static int umem_publish(struct umem_instance *inst)
 {
 	dev_t devt;
 	int ret;
 
+	lockdep_assert_held(&umem_lock);
 	if (umem_find_name(inst->name))
 		return -EEXIST;
-	ret = ida_alloc_max(&umem_minor_ida, UMEM_MINORS - 1, GFP_KERNEL);
+	if (umem_instance_count >= UMEM_MAX_INSTANCES)
+		return -ENFILE;
+	ret = umem_alloc_minor();
 	if (ret < 0)
 		return ret == -ENOSPC ? -ENFILE : ret;
 	inst->minor = ret;
@@ -105,13 +186,11 @@ static int umem_publish(struct umem_instance *inst)
 	ret = cdev_add(inst->cdev, devt, 1);
 	if (ret)
 		goto put_cdev;
-	/* "umem!<name>" in sysfs; devtmpfs turns '!' into '/'. */
-	inst->dev = device_create(umem_class, NULL, devt, NULL, "umem!%s", inst->name);
-	if (IS_ERR(inst->dev)) {
-		ret = PTR_ERR(inst->dev);
+	ret = umem_add_device(inst, devt);
+	if (ret)
 		goto del_cdev;
-	}
 	list_add_tail(&inst->node, &umem_instances);
+	umem_instance_count++;
 	return 0;
 
 del_cdev:
@@ -127,11 +206,17 @@ free_minor:
 	return ret;
 }
 
-/* Remove @inst's node and registry entry at once. Caller holds umem_lock. */
+/*
+ * Remove @inst's node, sysfs directory and registry entry at once.
+ * device_unregister() waits for running sysfs ->show()s.
+ */
 static void umem_unpublish(struct umem_instance *inst)
 {
+	lockdep_assert_held(&umem_lock);
 	list_del_init(&inst->node);
-	device_destroy(umem_class, MKDEV(MAJOR(umem_devt), inst->minor));
+	umem_instance_count--;
+	device_unregister(inst->dev);
+	inst->dev = NULL;
 	cdev_del(inst->cdev);
 	inst->cdev = NULL;
 	ida_free(&umem_minor_ida, inst->minor);
@@ -163,46 +248,105 @@ static int umem_fd_flags(u64 flags)
 	return (flags & UMEM_FD_CLOEXEC) ? O_CLOEXEC : 0;
 }
 
-/* Reserve an fd for a new server and tell the caller its number. */
-static int umem_reserve_fd(u64 flags, __s32 __user *ufd)
+/* The caller's struct umem_create, of any size from UMEM_CREATE_SIZE_VER0. */
+static int umem_copy_create(struct umem_create *req,
+			    struct umem_create __user *uarg)
 {
-	int fd = get_unused_fd_flags(umem_fd_flags(flags));
+	u32 argsz;
 
-	if (fd >= 0 && put_user(fd, ufd)) {
-		put_unused_fd(fd);
+	BUILD_BUG_ON(offsetof(struct umem_create, argsz) != 0);
+	if (get_user(argsz, &uarg->argsz))
 		return -EFAULT;
-	}
-	return fd;
+	if (argsz < UMEM_CREATE_SIZE_VER0)
+		return -EINVAL;
+	if (argsz > PAGE_SIZE)
+		return -E2BIG;
+	return copy_struct_from_user(req, sizeof(*req), uarg, argsz);
 }
 
+/* Every field valid, and every field whose flag is clear zero. */
+static int umem_check_create(const struct umem_create *req)
+{
+	int ret = umem_check_name((const char *)req->name);
+
+	if (ret)
+		return ret;
+	if (req->pad || req->flags & ~UMEM_CREATE_FLAGS)
+		return -EINVAL;
+	if (!(req->flags & UMEM_CREATE_OWNER) && (req->uid || req->gid))
+		return -EINVAL;
+	if (req->flags & UMEM_CREATE_MODE ? !req->mode || req->mode & ~0777 : req->mode)
+		return -EINVAL;
+	if (!(req->flags & UMEM_CREATE_CGROUP) && req->cgroup_fd)
+		return -EINVAL;
+	if (!req->size || !PAGE_ALIGNED(req->size))
+		return -EINVAL;
+	if (req->size > UMEM_SIZE_MAX)
+		return -EFBIG;
+	return 0;
+}
+
+/* The node's owner and group, in the caller's user namespace. */
+static int umem_resolve_owner(const struct umem_create *req, kuid_t *uid, kgid_t *gid)
+{
+	*uid = GLOBAL_ROOT_UID;
+	*gid = GLOBAL_ROOT_GID;
+	if (!(req->flags & UMEM_CREATE_OWNER))
+		return 0;
+	*uid = make_kuid(current_user_ns(), req->uid);
+	*gid = make_kgid(current_user_ns(), req->gid);
+	return uid_valid(*uid) && gid_valid(*gid) ? 0 : -EINVAL;
+}
+
+/* Give the new @inst what @req names: node owner and mode, tag, cgroup. */
+static int umem_apply_create(struct umem_instance *inst,
+			     const struct umem_create *req, kuid_t uid, kgid_t gid)
+{
+	struct mem_cgroup *memcg;
+
+	inst->uid = uid;
+	inst->gid = gid;
+	inst->mode = req->flags & UMEM_CREATE_MODE ? req->mode : 0600;
+	memcpy(inst->tag, req->tag, sizeof(inst->tag));
+	if (!(req->flags & UMEM_CREATE_CGROUP))
+		return 0;
+	memcg = umem_memcg_from_fd(req->cgroup_fd);
+	if (IS_ERR(memcg))
+		return PTR_ERR(memcg);
+	umem_memcg_set(inst, memcg);
+	return 0;
+}
+
+/* Returns the new instance's server fd. */
 static long umem_ioctl_create(struct umem_create __user *uarg)
 {
 	struct umem_instance *inst;
 	struct umem_create req;
 	struct file *server;
+	kuid_t uid;
+	kgid_t gid;
 	int fd, ret;
 
-	if (copy_from_user(&req, uarg, sizeof(req)))
-		return -EFAULT;
-	ret = umem_check_name((const char *)req.name);
+	ret = umem_copy_create(&req, uarg);
+	if (!ret)
+		ret = umem_check_create(&req);
+	if (!ret)
+		ret = umem_resolve_owner(&req, &uid, &gid);
 	if (ret)
 		return ret;
-	if (req.pad || req.flags & ~UMEM_FD_FLAGS)
-		return -EINVAL;
-	if (!req.size || !PAGE_ALIGNED(req.size))
-		return -EINVAL;
-	if (req.size > UMEM_SIZE_MAX)
-		return -EFBIG;
 
 	inst = umem_instance_new((const char *)req.name, req.size);
 	if (IS_ERR(inst))
 		return PTR_ERR(inst);
+	ret = umem_apply_create(inst, &req, uid, gid);
+	if (ret)
+		goto put_inst;
 	server = umem_server_open(inst, req.flags);
 	if (IS_ERR(server)) {
 		ret = PTR_ERR(server);
 		goto put_inst;
 	}
-	fd = umem_reserve_fd(req.flags, &uarg->fd);
+	fd = get_unused_fd_flags(umem_fd_flags(req.flags));
 	if (fd < 0) {
 		ret = fd;
 		goto put_server;
@@ -217,7 +361,7 @@ static long umem_ioctl_create(struct umem_create __user *uarg)
 		goto put_fd;
 	/* Nothing fails past publication: the registry owns our reference. */
 	fd_install(fd, server);
-	return 0;
+	return fd;
 
 put_fd:
 	put_unused_fd(fd);
@@ -228,22 +372,24 @@ put_inst:
 	return ret;
 }
 
+/* Returns the server fd of an existing instance, and its tag in @uarg. */
 static long umem_ioctl_attach(struct umem_attach __user *uarg)
 {
+	u8 tag[UMEM_TAG_SIZE];
 	struct umem_instance *inst;
 	struct umem_attach req;
 	struct file *server;
 	int fd, ret;
 
-	if (copy_from_user(&req, uarg, sizeof(req)))
+	if (copy_from_user(&req, uarg, offsetof(struct umem_attach, tag)))
 		return -EFAULT;
 	ret = umem_check_name((const char *)req.name);
 	if (ret)
 		return ret;
-	if (req.pad || req.flags & ~UMEM_FD_FLAGS)
+	if (req.flags & ~UMEM_FD_FLAGS)
 		return -EINVAL;
 
-	fd = umem_reserve_fd(req.flags, &uarg->fd);
+	fd = get_unused_fd_flags(umem_fd_flags(req.flags));
 	if (fd < 0)
 		return fd;
 	ret = mutex_lock_killable(&umem_lock);
@@ -251,13 +397,20 @@ static long umem_ioctl_attach(struct umem_attach __user *uarg)
 		goto put_fd;
 	inst = umem_find_name((const char *)req.name);
 	server = inst ? umem_server_open(inst, req.flags) : ERR_PTR(-ENOENT);
+	if (inst)
+		memcpy(tag, inst->tag, sizeof(tag));
 	mutex_unlock(&umem_lock);
 	if (IS_ERR(server)) {
 		ret = PTR_ERR(server);
 		goto put_fd;
 	}
+	if (copy_to_user(uarg->tag, tag, sizeof(tag))) {
+		fput(server);
+		ret = -EFAULT;
+		goto put_fd;
+	}
 	fd_install(fd, server);
-	return 0;
+	return fd;
 
 put_fd:
 	put_unused_fd(fd);
@@ -301,8 +454,8 @@ static long umem_ioctl_list(struct umem_list __user *uarg)
 
 	if (copy_from_user(&req, uarg, offsetof(struct umem_list, count)))
 		return -EFAULT;
-	if (req.capacity > UMEM_MINORS)
-		req.capacity = UMEM_MINORS;
+	if (req.capacity > UMEM_MAX_INSTANCES)
+		req.capacity = UMEM_MAX_INSTANCES;
 	entries = kvcalloc(req.capacity, sizeof(*entries), GFP_KERNEL);
 	if (req.capacity && !entries)
 		return -ENOMEM;
@@ -318,6 +471,7 @@ static long umem_ioctl_list(struct umem_list __user *uarg)
 			e->size = inst->size;
 			e->present = atomic64_read(&inst->npresent);
 			e->flags = READ_ONCE(inst->served) ? UMEM_INSTANCE_SERVED : 0;
+			memcpy(e->tag, inst->tag, sizeof(e->tag));
 		}
 		count++;
 	}
@@ -394,10 +548,10 @@ static struct miscdevice umem_control_dev = {
 static void umem_check_abi(void)
 {
 	BUILD_BUG_ON(sizeof(struct umem_api) != 24);
-	BUILD_BUG_ON(sizeof(struct umem_create) != 88);
-	BUILD_BUG_ON(sizeof(struct umem_attach) != 80);
+	BUILD_BUG_ON(sizeof(struct umem_create) != UMEM_CREATE_SIZE_VER0);
+	BUILD_BUG_ON(sizeof(struct umem_attach) != 88);
 	BUILD_BUG_ON(sizeof(struct umem_destroy) != 64);
-	BUILD_BUG_ON(sizeof(struct umem_list_entry) != 88);
+	BUILD_BUG_ON(sizeof(struct umem_list_entry) != 104);
 	BUILD_BUG_ON(sizeof(struct umem_list) != 16);
 	BUILD_BUG_ON(sizeof(struct umem_fault) != 32);
 	BUILD_BUG_ON(sizeof(struct umem_fill_range) != 24);
@@ -415,14 +569,11 @@ static int __init umem_init(void)
 	ret = umem_instance_init();
 	if (ret)
 		return ret;
-	ret = alloc_chrdev_region(&umem_devt, 0, UMEM_MINORS, "umem");
+	umem_memcg_init();
+	ret = alloc_chrdev_region(&umem_devt, 0, UMEM_MINOR_COUNT, "umem");
 	if (ret)
 		goto exit_instance;
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
-	umem_class = class_create("umem");
-#else
-	umem_class = class_create(THIS_MODULE, "umem");
-#endif
+	umem_class = umem_class_create("umem");
 	if (IS_ERR(umem_class)) {
 		ret = PTR_ERR(umem_class);
 		goto unregister_region;
@@ -435,8 +586,9 @@ static int __init umem_init(void)
 destroy_class:
 	class_destroy(umem_class);
 unregister_region:
-	unregister_chrdev_region(umem_devt, UMEM_MINORS);
+	unregister_chrdev_region(umem_devt, UMEM_MINOR_COUNT);
 exit_instance:
+	umem_memcg_exit();
 	umem_instance_exit();
 	return ret;
 }
@@ -446,8 +598,9 @@ static void __exit umem_exit(void)
 {
 	misc_deregister(&umem_control_dev);
 	class_destroy(umem_class);
-	unregister_chrdev_region(umem_devt, UMEM_MINORS);
+	unregister_chrdev_region(umem_devt, UMEM_MINOR_COUNT);
 	ida_destroy(&umem_minor_ida);
+	umem_memcg_exit();
 	umem_instance_exit();
 }
 

@@ -121,6 +121,7 @@ static void umem_instance_free(struct kref *kref)
 	bool pinned = inst->shmem;
 
 	umem_free_requests(&inst->queue);
+	umem_memcg_put(inst);
 	if (inst->shmem)
 		fput(inst->shmem);
 	kvfree(inst->present);
@@ -134,6 +135,21 @@ static void umem_instance_free(struct kref *kref)
 void umem_put(struct umem_instance *inst)
 {
 	kref_put(&inst->kref, umem_instance_free);
+}
+
+void umem_read_stats(struct umem_instance *inst, struct umem_stats *stats)
+{
+	memset(stats, 0, sizeof(*stats));
+	stats->size = inst->size;
+	stats->pages = inst->npages;
+	stats->present = atomic64_read(&inst->npresent);
+	stats->requested = atomic64_read(&inst->stat_requested);
+	stats->faults = atomic64_read(&inst->stat_faults);
+	stats->waiters = atomic64_read(&inst->stat_waiters);
+	stats->wait_ns = atomic64_read(&inst->stat_wait_ns);
+	stats->filled = atomic64_read(&inst->stat_filled);
+	stats->zeroed = atomic64_read(&inst->stat_zeroed);
+	stats->skipped = atomic64_read(&inst->stat_skipped);
 }
 
 bool umem_page_present(struct umem_instance *inst, pgoff_t pgoff)
@@ -244,15 +260,6 @@ static int umem_wait_page(struct umem_instance *inst, pgoff_t pgoff,
 	return ret;
 }
 
-static void umem_release_fault_lock(struct vm_fault *vmf)
-{
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 6, 0)
-	release_fault_lock(vmf);
-#else
-	mmap_read_unlock(vmf->vma->vm_mm);
-#endif
-}
-
 /*
  * A missing page. Without FAULT_FLAG_ALLOW_RETRY (e.g. /proc/pid/mem) we
  * must sleep holding mmap_lock. With it, we drop the lock while we sleep
@@ -358,15 +365,6 @@ static void umem_vm_ops_setup(const struct vm_operations_struct *shmem_ops)
 	mutex_unlock(&umem_vm_ops_lock);
 }
 
-static int umem_shmem_mmap(struct file *shmem, struct vm_area_struct *vma)
-{
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 15, 0)
-	return vfs_mmap(shmem, vma);
-#else
-	return call_mmap(shmem, vma);
-#endif
-}
-
 static int umem_node_mmap(struct file *file, struct vm_area_struct *vma)
 {
 	struct umem_instance *inst = file->private_data;
@@ -380,10 +378,19 @@ static int umem_node_mmap(struct file *file, struct vm_area_struct *vma)
 	if (READ_ONCE(inst->dead))
 		return -ENODEV;
 
+	/*
+	 * VM_DONTEXPAND (one of VM_SPECIAL) makes the vma ineligible for
+	 * huge pages, khugepaged and MADV_COLLAPSE alike: a collapse would
+	 * fill every missing page with zeros under one PMD. It also stops
+	 * mremap() from growing the vma and mlock() from locking (and so
+	 * populating) it; see docs/kernel-abi.md.
+	 */
+	umem_vma_set_flags(vma, VM_DONTEXPAND);
 	vma_set_file(vma, inst->shmem);
-	ret = umem_shmem_mmap(inst->shmem, vma);
+	ret = umem_file_mmap(inst->shmem, vma);
 	if (ret)
 		return ret;
+	umem_memcg_adopt_mapper(inst);
 	umem_vm_ops_setup(vma->vm_ops);
 	umem_get(inst);
 	vma->vm_private_data = inst;

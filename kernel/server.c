@@ -201,8 +201,12 @@ static int umem_fill_page(struct umem_instance *inst, pgoff_t pgoff,
 	if (umem_page_present(inst, pgoff))
 		goto unlock;
 
-	if (src)
+	if (src) {
+		struct mem_cgroup *old = umem_charge_begin(inst);
+
 		ret = umem_copy_page(inst, pgoff, src);
+		umem_charge_end(old);
+	}
 	if (ret) {
 		umem_fill_failed(inst, pgoff);
 	} else {
@@ -336,17 +340,7 @@ static long umem_ioctl_stats(struct umem_instance *inst,
 {
 	struct umem_stats stats;
 
-	memset(&stats, 0, sizeof(stats));
-	stats.size = inst->size;
-	stats.pages = inst->npages;
-	stats.present = atomic64_read(&inst->npresent);
-	stats.requested = atomic64_read(&inst->stat_requested);
-	stats.faults = atomic64_read(&inst->stat_faults);
-	stats.waiters = atomic64_read(&inst->stat_waiters);
-	stats.wait_ns = atomic64_read(&inst->stat_wait_ns);
-	stats.filled = atomic64_read(&inst->stat_filled);
-	stats.zeroed = atomic64_read(&inst->stat_zeroed);
-	stats.skipped = atomic64_read(&inst->stat_skipped);
+	umem_read_stats(inst, &stats);
 	return copy_to_user(uarg, &stats, sizeof(stats)) ? -EFAULT : 0;
 }
 

@@ -13,9 +13,13 @@
 #include <linux/mutex.h>
 #include <linux/spinlock.h>
 #include <linux/types.h>
-#include <linux/version.h>
+#include <linux/uidgid.h>
 #include <linux/wait.h>
 #include <linux/umem.h>
+
+#include "compat.h"
+
+struct mem_cgroup;
 
 #if BITS_PER_LONG != 64
 #error "umem exports its bitmaps as __u64 words and supports 64-bit kernels only"
@@ -43,10 +47,22 @@
  * Lifetime: the registry (until UMEM_DESTROY), each open instance node,
  * the server file and each vma hold a reference (kref). The last one frees
  * the instance and releases the module reference taken at creation.
+ *
+ * Identity: the node's minor is never handed out again until every other
+ * minor has been used since (control.c), so a stale node reference (an
+ * O_PATH fd, a bind mount, a copy made with mknod) finds no instance
+ * rather than a newer one. The node's owner, group and mode are fixed at
+ * creation and reach devtmpfs and udev through the device type's
+ * ->devnode(). Fill pages are charged to @memcg, fixed once: the cgroup
+ * named at creation, or the first mapper's.
  */
 struct umem_instance {
 	struct kref kref;
 	char name[UMEM_NAME_MAX];
+	u8 tag[UMEM_TAG_SIZE];
+	kuid_t uid;
+	kgid_t gid;
+	umode_t mode;
 	u64 size;
 	pgoff_t npages;
 	struct file *shmem;
@@ -64,6 +80,7 @@ struct umem_instance {
 
 	struct mutex lock;
 	bool served;		/* a server fd is open; protected by lock */
+	struct mem_cgroup *memcg;	/* set once (memcg.c); NULL: not yet known */
 
 	bool dead;		/* destroyed: missing pages raise SIGBUS */
 	unsigned int generation;	/* bumped when a server leaves */
@@ -93,6 +110,7 @@ struct umem_request {
 int umem_instance_init(void);
 void umem_instance_exit(void);
 struct umem_instance *umem_instance_new(const char *name, u64 size);
+void umem_read_stats(struct umem_instance *inst, struct umem_stats *stats);
 void umem_get(struct umem_instance *inst);
 void umem_put(struct umem_instance *inst);
 bool umem_page_present(struct umem_instance *inst, pgoff_t pgoff);
@@ -104,6 +122,19 @@ extern const struct file_operations umem_node_fops;
 
 /* control.c */
 struct umem_instance *umem_find_minor(int minor);
+
+/* memcg.c */
+void umem_memcg_init(void);
+void umem_memcg_exit(void);
+struct mem_cgroup *umem_memcg_from_fd(int fd);
+void umem_memcg_set(struct umem_instance *inst, struct mem_cgroup *memcg);
+void umem_memcg_adopt_mapper(struct umem_instance *inst);
+void umem_memcg_put(struct umem_instance *inst);
+struct mem_cgroup *umem_charge_begin(struct umem_instance *inst);
+void umem_charge_end(struct mem_cgroup *old);
+
+/* sysfs.c */
+extern const struct attribute_group *umem_instance_groups[];
 
 /* server.c */
 struct file *umem_server_open(struct umem_instance *inst, u64 flags);

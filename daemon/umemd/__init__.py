@@ -5,7 +5,17 @@ Public API; keep docs/architecture.md in step when a name here changes.
 
 import logging
 
-from umemd.device import Control, Fault, FillResult, InstanceInfo, Server, Stats, node_path
+from umemd.device import (
+    Control,
+    Fault,
+    FillResult,
+    InstanceInfo,
+    NodeOwner,
+    Server,
+    Stats,
+    node_path,
+    read_counters,
+)
 from umemd.errors import (
     ApiMismatchError,
     DeviceError,
@@ -26,11 +36,13 @@ __all__ = [
     "InstanceInfo",
     "InstanceNotFoundError",
     "ModuleNotLoadedError",
+    "NodeOwner",
     "Server",
     "ServerBusyError",
     "Stats",
     "UmemError",
     "node_path",
+    "read_counters",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

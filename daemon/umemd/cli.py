@@ -7,19 +7,22 @@ how to fix it), 2 bad usage, 3 the umem module is not loaded.
 from __future__ import annotations
 
 import argparse
+import grp
 import json
 import logging
 import os
+import pwd
 import secrets
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from umemd.destination import Puller, open_instance
-from umemd.device import CONTROL_PATH, Control, node_path
+from umemd.device import CONTROL_PATH, Control, NodeOwner, node_path, read_counters
 from umemd.errors import ModuleNotLoadedError, UmemError
 from umemd.priority import short_gil_slices
 from umemd.protocol import Role
@@ -46,7 +49,8 @@ side may listen, the other connects.
 
 typical use (destination listens):
   dst# umemd keygen /etc/umem/key        (copy the key to the source)
-  dst# umemd pull vm1 --size 512M --listen 0.0.0.0:4444 --key-file /etc/umem/key
+  dst# umemd pull vm1 --size 512M --owner libvirt-qemu:kvm --listen 0.0.0.0:4444 \\
+           --key-file /etc/umem/key
   src# umemd serve /dev/shm/vm1-ram --connect dst:4444 --key-file /etc/umem/key \\
            --qmp /run/vm1.qmp
 """
@@ -68,15 +72,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(i) for i in instances], indent=2))
         return 0
-    print(f"{'NAME':<24} {'SIZE':>12} {'PRESENT':>10} SERVER")
+    print(f"{'NAME':<24} {'SIZE':>12} {'PRESENT':>10} {'SERVER':<6} TAG")
     for i in instances:
-        print(f"{i.name:<24} {i.size:>12} {i.present:>10} {'yes' if i.served else 'no'}")
+        print(f"{i.name:<24} {i.size:>12} {i.present:>10} {'yes' if i.served else 'no':<6} {i.tag}")
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    with Control(args.control) as control, control.attach(args.name) as server:
-        print(json.dumps(asdict(server.stats()), indent=2))
+    print(json.dumps(asdict(read_counters(args.name)), indent=2))
     return 0
 
 
@@ -95,6 +98,40 @@ def parse_size(text: str) -> int:
         return int(text[:-1]) * units[text[-1]] if text and text[-1] in units else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 536870912, 512M, 4G)") from None
+
+
+def _lookup(kind: str, text: str, by_name: Callable[[str], Any], field: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return int(getattr(by_name(text), field))
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no {kind} {text!r} on this host (give a name from "
+                                         f"/etc/{'passwd' if kind == 'user' else 'group'} or a number)") from None
+
+
+def parse_owner(text: str) -> tuple[int, int]:
+    """(uid, gid) from 'USER', 'USER:GROUP', 'UID:GID' (no group: root)."""
+    user, _, group = text.partition(":")
+    if not user:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a user, e.g. libvirt-qemu or libvirt-qemu:kvm")
+    uid = _lookup("user", user, pwd.getpwnam, "pw_uid")
+    return uid, _lookup("group", group, grp.getgrnam, "gr_gid") if group else 0
+
+
+def parse_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 < mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mode from 1 to 0777 (octal, e.g. 0600)")
+    return mode
+
+
+def node_owner(args: argparse.Namespace) -> NodeOwner:
+    uid, gid = args.owner or (0, 0)
+    return NodeOwner(uid, gid, args.mode)
 
 
 def read_key(path: Path) -> bytes:
@@ -187,7 +224,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     short_gil_slices()
     stop = threading.Event()
     with Control(args.control) as control:
-        server, attached = open_instance(control, args.name, args.size)
+        server, attached = open_instance(control, args.name, args.size, node_owner(args), args.cgroup)
         stats = PullStats(args.name, server.pages, attached=attached)
         if args.latency_log:
             stats.latency.keep_samples()
@@ -282,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="instance name: QEMU maps /dev/umem/NAME")
     p.add_argument("--size", type=parse_size, required=True, help="guest RAM size (bytes, or with K/M/G/T)")
     add_link_options(p)
+    p.add_argument("--owner", type=parse_owner, metavar="USER[:GROUP]",
+                   help="give the node to the QEMU that will map it (names or numbers; default root:root); "
+                   "nobody else but root can open it")
+    p.add_argument("--mode", type=parse_mode, default=0o600, metavar="OCTAL",
+                   help="the node's permission bits (default 0600: the owner only)")
+    p.add_argument("--cgroup", type=Path, metavar="DIR",
+                   help="charge the guest's RAM to this cgroup2 directory, e.g. the destination QEMU's "
+                   "(default: the cgroup of the first process that maps the node)")
     p.add_argument("--wait-module", type=float, default=0, metavar="SECONDS",
                    help="wait this long for the umem module to be loaded (default: fail at once)")
     p.add_argument("--report", type=Path, metavar="FILE.json",
@@ -351,13 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("list", help="list umem instances", description="List every umem instance: its name, size "
-                       "in bytes, pages present, and whether a server fd is open.")
+                       "in bytes, pages present, whether a server fd is open, and its migration tag (hex).")
     p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("stats", help="print an instance's counters", description="Attach to instance NAME (which "
-                       "must have no server attached) and print its counters as JSON: pages present, faults, "
-                       "waiters, total wait time, pages filled, zeroed and skipped.")
+    p = sub.add_parser("stats", help="print an instance's counters", description="Print instance NAME's counters "
+                       "as JSON, read from sysfs (/sys/class/umem/umem!NAME/stats; works while a pull serves it): "
+                       "pages present, faults, waiters, total wait time, pages filled, zeroed and skipped.")
     p.add_argument("name", metavar="NAME", help="instance name")
     p.set_defaults(func=cmd_stats)
 

@@ -22,8 +22,9 @@ import selectors
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from umemd.device import Control, Server
+from umemd.device import Control, NodeOwner, Server
 from umemd.errors import ConnectError, InstanceExistsError, ProtocolError, UmemError
 from umemd.priority import favour_this_thread
 from umemd.protocol import (
@@ -265,13 +266,16 @@ class Puller:
         log.info("push channel: told the source which %d pages are present", self.present())
 
 
-def open_instance(control: Control, name: str, size: int) -> tuple[Server, bool]:
+def open_instance(control: Control, name: str, size: int, owner: NodeOwner | None = None,
+                  cgroup: Path | None = None) -> tuple[Server, bool]:
     """Create instance ``name`` of ``size`` bytes, or attach to it after a restart.
 
+    A new instance's node belongs to ``owner`` (default root:root 0600) and
+    its pages are charged to ``cgroup`` (default: the first mapper's).
     Returns the server and whether it was attached.
     """
     try:
-        return control.create(name, size, nonblock=True), False
+        return control.create(name, size, nonblock=True, owner=owner, cgroup=cgroup), False
     except InstanceExistsError:
         server = control.attach(name, nonblock=True)
     if server.size != size:

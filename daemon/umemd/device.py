@@ -27,6 +27,9 @@ from umemd.errors import (
 
 DEV_DIR = Path("/dev/umem")
 CONTROL_PATH = DEV_DIR / "control"
+SYSFS_CLASS = Path("/sys/class/umem")
+TAG_SIZE = lib.UMEM_TAG_SIZE
+NO_TAG = bytes(TAG_SIZE)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 FAULT_SIZE = ffi.sizeof("struct umem_fault")
 FILL_MAX_RANGES = lib.UMEM_FILL_MAX_RANGES
@@ -44,11 +47,13 @@ def node_path(name: str) -> Path:
     return DEV_DIR / name
 
 
-def _ioctl(fd: int, request: int, arg: Any, what: str) -> None:
+def _ioctl(fd: int, request: int, arg: Any, what: str) -> int:
     ffi.errno = 0
-    if lib.ioctl(fd, request, arg) < 0:
+    result = int(lib.ioctl(fd, request, arg))
+    if result < 0:
         err = ffi.errno
         raise _ERRORS_BY_ERRNO.get(err, DeviceError)(err, what)
+    return result
 
 
 def _fd_flags(nonblock: bool) -> int:
@@ -70,6 +75,7 @@ class InstanceInfo:
     size: int
     present: int
     served: bool
+    tag: str  # hex
 
 
 @dataclass(frozen=True)
@@ -150,19 +156,46 @@ class Control:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def create(self, name: str, size: int, *, nonblock: bool = False) -> Server:
-        """Create instance ``name`` of ``size`` bytes; return its server."""
-        req = ffi.new("struct umem_create *", {"size": size, "flags": _fd_flags(nonblock)})
+    def create(self, name: str, size: int, *, nonblock: bool = False, owner: NodeOwner | None = None,
+               cgroup: Path | None = None, tag: bytes = NO_TAG) -> Server:
+        """Create instance ``name`` of ``size`` bytes; return its server.
+
+        The node is root:root 0600 unless ``owner`` says otherwise; fill
+        pages are charged to ``cgroup`` (a cgroup2 directory), or else to
+        the first mapper's cgroup. ``tag`` says which migration it is.
+        """
+        req = ffi.new("struct umem_create *", _create_fields(size, nonblock, owner, tag))
         ffi.memmove(req.name, _encode_name(name), len(name.encode()))
-        _ioctl(self._fd, lib.UMEM_CREATE, req, f"cannot create umem instance {name!r} of {size} bytes")
-        return Server(int(req.fd), name, size)
+        what = f"cannot create umem instance {name!r} of {size} bytes"
+        if cgroup is None:
+            fd = _ioctl(self._fd, lib.UMEM_CREATE, req, what)
+        else:
+            fd = self._create_in_cgroup(req, cgroup, what)
+        return Server(fd, name, size, tag)
+
+    def _create_in_cgroup(self, req: Any, cgroup: Path, what: str) -> int:
+        try:
+            cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise DeviceError(e.errno or 0, f"{what}: cannot open cgroup {cgroup}") from e
+        try:
+            req.flags |= lib.UMEM_CREATE_CGROUP
+            req.cgroup_fd = cgroup_fd
+            try:
+                return _ioctl(self._fd, lib.UMEM_CREATE, req, what)
+            except DeviceError as e:
+                if e.errno == errno.EBADF:
+                    raise DeviceError(e.errno, f"{what}: {cgroup} is not a cgroup2 directory") from None
+                raise
+        finally:
+            os.close(cgroup_fd)
 
     def attach(self, name: str, *, nonblock: bool = False) -> Server:
         """Become the server of existing instance ``name`` (after a restart)."""
         req = ffi.new("struct umem_attach *", {"flags": _fd_flags(nonblock)})
         ffi.memmove(req.name, _encode_name(name), len(name.encode()))
-        _ioctl(self._fd, lib.UMEM_ATTACH, req, f"cannot attach to umem instance {name!r}")
-        server = Server(int(req.fd), name, 0)
+        fd = _ioctl(self._fd, lib.UMEM_ATTACH, req, f"cannot attach to umem instance {name!r}")
+        server = Server(fd, name, 0, bytes(ffi.buffer(req.tag)))
         try:
             server.size = server.stats().size
         except BaseException:
@@ -188,22 +221,57 @@ class Control:
             capacity = int(req.count)
 
 
+@dataclass(frozen=True)
+class NodeOwner:
+    """Who may open an instance's node: QEMU's user and group, and the mode."""
+
+    uid: int = 0
+    gid: int = 0
+    mode: int = 0o600
+
+
+def _create_fields(size: int, nonblock: bool, owner: NodeOwner | None, tag: bytes) -> dict[str, Any]:
+    if len(tag) != TAG_SIZE:
+        raise DeviceError(errno.EINVAL, f"a umem tag is {TAG_SIZE} bytes, not {len(tag)}")
+    fields: dict[str, Any] = {"argsz": ffi.sizeof("struct umem_create"), "size": size,
+                              "flags": _fd_flags(nonblock), "tag": list(tag)}
+    if owner is not None:
+        fields.update(uid=owner.uid, gid=owner.gid, mode=owner.mode)
+        fields["flags"] |= lib.UMEM_CREATE_OWNER | lib.UMEM_CREATE_MODE
+    return fields
+
+
 def _instance_info(entry: Any) -> InstanceInfo:
     return InstanceInfo(
         name=ffi.string(entry.name).decode(),
         size=int(entry.size),
         present=int(entry.present),
         served=bool(entry.flags & lib.UMEM_INSTANCE_SERVED),
+        tag=bytes(ffi.buffer(entry.tag)).hex(),
     )
+
+
+def read_counters(name: str) -> Stats:
+    """Instance ``name``'s counters from sysfs: no server fd needed, so this
+    works while a pull serves it."""
+    directory = SYSFS_CLASS / f"umem!{name}" / "stats"
+    try:
+        return Stats(*(int((directory / field).read_text()) for field in Stats.__dataclass_fields__))
+    except FileNotFoundError:
+        if not SYSFS_CLASS.exists():
+            raise ModuleNotLoadedError(errno.ENOENT, f"{SYSFS_CLASS} not found: the umem module is not loaded "
+                                       "(insmod kernel/umem.ko)") from None
+        raise InstanceNotFoundError(errno.ENOENT, f"no umem instance {name!r} (umemd list shows them)") from None
 
 
 class Server:
     """The server fd of one instance: fault records in, pages out."""
 
-    def __init__(self, fd: int, name: str, size: int) -> None:
+    def __init__(self, fd: int, name: str, size: int, tag: bytes = NO_TAG) -> None:
         self._fd = fd
         self.name = name
         self.size = size
+        self.tag = tag
         self.destroyed = False  # set when read() reports end of file
 
     @property

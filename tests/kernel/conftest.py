@@ -13,6 +13,7 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,8 +55,8 @@ def make_instance(control: Control) -> Iterator[Callable[..., Server]]:
     """Create instances that are destroyed after the test."""
     made: list[Server] = []
 
-    def make(size: int = 1 << 20, *, nonblock: bool = False, name: str | None = None) -> Server:
-        server = control.create(name or f"t{os.getpid()}-{next(_names)}", size, nonblock=nonblock)
+    def make(size: int = 1 << 20, *, nonblock: bool = False, name: str | None = None, **options: Any) -> Server:
+        server = control.create(name or f"t{os.getpid()}-{next(_names)}", size, nonblock=nonblock, **options)
         made.append(server)
         return server
 

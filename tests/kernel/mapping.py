@@ -19,16 +19,21 @@ libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 MAP_FAILED = ctypes.c_void_p(-1).value
+MAP_FIXED = 0x10
+PROT_NONE = 0
 PAGE = mmap.PAGESIZE
 
 
 class Mapping:
     """A MAP_SHARED mapping of an instance node."""
 
-    def __init__(self, path: Path | str, length: int, offset: int = 0, flags: int = mmap.MAP_SHARED) -> None:
+    def __init__(self, path: Path | str, length: int, offset: int = 0, flags: int = mmap.MAP_SHARED,
+                 fixed_address: int | None = None) -> None:
+        if fixed_address is not None:
+            flags |= MAP_FIXED
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            addr = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, offset)
+            addr = libc.mmap(fixed_address, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, offset)
             if addr == MAP_FAILED:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
@@ -86,3 +91,16 @@ class Reader(threading.Thread):
 
     def run(self) -> None:
         self.data = self.mapping.read(self.offset, self.length)
+
+
+def aligned_mapping(path: Path | str, length: int, align: int) -> Mapping:
+    """A MAP_SHARED mapping of ``path`` whose address is a multiple of ``align``
+    (so that a huge page could cover it)."""
+    reserve = libc.mmap(None, length + align, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if reserve == MAP_FAILED:
+        raise OSError(ctypes.get_errno(), "cannot reserve address space")
+    start = (reserve + align - 1) // align * align
+    if start > reserve:
+        libc.munmap(reserve, start - reserve)
+    libc.munmap(start + length, reserve + length + align - start - length)
+    return Mapping(path, length, fixed_address=start)

@@ -44,9 +44,20 @@ def api(**fields: int) -> Any:
 
 
 def create_req(name: bytes = b"bad-input", **fields: int) -> Any:
-    req = ffi.new("struct umem_create *", {"size": SIZE, **fields})
+    req = ffi.new("struct umem_create *", {"argsz": ffi.sizeof("struct umem_create"), "size": SIZE, **fields})
     ffi.memmove(req.name, name, len(name))
     return req
+
+
+def grown_create_req(extra: bytes) -> Any:
+    """A struct umem_create from a newer caller: this one plus ``extra``."""
+    size = ffi.sizeof("struct umem_create")
+    buf = ffi.new("char[]", size + len(extra))
+    ffi.memmove(buf, ffi.buffer(create_req()), size)
+    ffi.memmove(buf + size, extra, len(extra))
+    req = ffi.cast("struct umem_create *", buf)
+    req.argsz = size + len(extra)
+    return buf
 
 
 # ---- control node ------------------------------------------------------
@@ -83,21 +94,47 @@ def test_handshake_answers_features_and_ioctls_once(raw_control: int) -> None:
         (b"bad-input", {"size": SIZE + 1}, errno.EINVAL),
         (b"bad-input", {"size": lib.UMEM_SIZE_MAX + PAGE_SIZE}, errno.EFBIG),
         (b"bad-input", {"flags": 1 << 5}, errno.EINVAL),
+        (b"bad-input", {"flags": 1 << 11}, errno.EINVAL),
         (b"bad-input", {"pad": 1}, errno.EINVAL),
         (b"x" * 64, {}, errno.EINVAL),
         (b"", {}, errno.EINVAL),
         (b"caf\xe9", {}, errno.EINVAL),
+        (b"bad-input", {"argsz": 0}, errno.EINVAL),
+        (b"bad-input", {"argsz": lib.UMEM_CREATE_SIZE_VER0 - 8}, errno.EINVAL),
+        (b"bad-input", {"argsz": 1 << 20}, errno.E2BIG),
+        (b"bad-input", {"uid": 1000}, errno.EINVAL),
+        (b"bad-input", {"gid": 1000}, errno.EINVAL),
+        (b"bad-input", {"mode": 0o600}, errno.EINVAL),
+        (b"bad-input", {"flags": lib.UMEM_CREATE_MODE}, errno.EINVAL),
+        (b"bad-input", {"flags": lib.UMEM_CREATE_MODE, "mode": 0o4600}, errno.EINVAL),
+        (b"bad-input", {"flags": lib.UMEM_CREATE_OWNER, "uid": 2**32 - 1}, errno.EINVAL),
+        (b"bad-input", {"cgroup_fd": 3}, errno.EINVAL),
+        (b"bad-input", {"flags": lib.UMEM_CREATE_CGROUP, "cgroup_fd": -1}, errno.EBADF),
+        (b"bad-input", {"flags": lib.UMEM_CREATE_CGROUP, "cgroup_fd": 0}, errno.EBADF),
     ],
-    ids=["zero-size", "unaligned-size", "huge-size", "unknown-flag", "nonzero-pad", "unterminated-name", "empty-name",
-         "latin-1-name"],
+    ids=["zero-size", "unaligned-size", "huge-size", "unknown-fd-flag", "unknown-create-flag", "nonzero-pad",
+         "unterminated-name", "empty-name", "latin-1-name", "no-argsz", "argsz-too-small", "argsz-too-big",
+         "uid-without-flag", "gid-without-flag", "mode-without-flag", "mode-zero", "mode-setuid", "invalid-uid",
+         "cgroup-fd-without-flag", "bad-cgroup-fd", "cgroup-fd-not-a-cgroup"],
 )
 def test_bad_create(control: Control, name: bytes, fields: dict[str, int], expected: int) -> None:
     assert ioctl_errno(control.fileno(), lib.UMEM_CREATE, create_req(name, **fields)) == expected
     assert "bad-input" not in {i.name for i in control.list()}
 
 
-@pytest.mark.parametrize(("fields", "expected"), [({"flags": 1 << 5}, errno.EINVAL), ({"pad": 1}, errno.EINVAL)],
-                         ids=["unknown-flag", "nonzero-pad"])
+def test_a_newer_callers_longer_create_is_taken_when_the_rest_is_zero(control: Control) -> None:
+    assert ioctl_errno(control.fileno(), lib.UMEM_CREATE, grown_create_req(bytes([0, 0, 1, 0]))) == errno.E2BIG
+    assert "bad-input" not in {i.name for i in control.list()}
+    fd = lib.ioctl(control.fileno(), lib.UMEM_CREATE, grown_create_req(bytes(64)))
+    assert fd >= 0
+    os.close(fd)
+    assert "bad-input" in {i.name for i in control.list()}
+    control.destroy("bad-input")
+
+
+@pytest.mark.parametrize(("fields", "expected"), [({"flags": 1 << 5}, errno.EINVAL),
+                                               ({"flags": lib.UMEM_CREATE_OWNER}, errno.EINVAL)],
+                         ids=["unknown-flag", "create-only-flag"])
 def test_bad_attach(control: Control, make_instance: Callable[..., Server], fields: dict[str, int],
                     expected: int) -> None:
     server = make_instance(size=SIZE)
@@ -113,6 +150,7 @@ def test_bad_pointers_on_the_control_node(control: Control, make_instance: Calla
     assert ioctl_errno(fd, lib.UMEM_CREATE, ffi.cast("void *", BAD_POINTER)) == errno.EFAULT
     listing = ffi.new("struct umem_list *", {"entries": BAD_POINTER, "capacity": 4})
     assert ioctl_errno(fd, lib.UMEM_LIST, listing) == errno.EFAULT
+    assert ioctl_errno(fd, lib.UMEM_ATTACH, ffi.cast("void *", BAD_POINTER)) == errno.EFAULT
 
 
 def test_unknown_and_foreign_ioctls_on_the_control_node(control: Control) -> None:
@@ -254,9 +292,34 @@ def test_bad_mmap(server: Server, length: int, offset: int, flags: int, expected
 # ---- fuzz --------------------------------------------------------------
 
 
+CREATE_FLAGS = [lib.UMEM_FD_CLOEXEC, lib.UMEM_FD_NONBLOCK, lib.UMEM_CREATE_OWNER, lib.UMEM_CREATE_MODE,
+                lib.UMEM_CREATE_CGROUP, 1 << 11, 1 << 63]
+
+
+def random_create(rng: random.Random, scratch: Any) -> Any:
+    """A struct umem_create that is almost valid: random new fields, flags and argsz."""
+    size = ffi.sizeof("struct umem_create")
+    ffi.memmove(scratch, bytes(512), 512)
+    req = ffi.cast("struct umem_create *", scratch)
+    req.argsz = rng.choice([size, size - 8, size + 8, size + 64, 0, rng.randrange(1 << 13)])
+    req.size = rng.choice([PAGE_SIZE, SIZE, SIZE + 1, 0])
+    req.flags = sum(flag for flag in CREATE_FLAGS if rng.random() < 0.3)
+    req.uid, req.gid = rng.choice([0, 1000, 65534, 2**32 - 1]), rng.choice([0, 1000, 2**32 - 1])
+    req.mode = rng.choice([0, 0o600, 0o777, 0o1777, rng.getrandbits(32)])
+    req.cgroup_fd = rng.choice([0, -1, 3, rng.randrange(64)])
+    ffi.memmove(req.tag, rng.randbytes(16), 16)
+    name = f"fuzz-{rng.randrange(4)}".encode()
+    ffi.memmove(req.name, name, len(name))
+    if rng.random() < 0.2:
+        ffi.memmove(scratch + size, rng.randbytes(8), 8)
+    return scratch
+
+
 def random_arg(rng: random.Random, scratch: Any) -> Any:
-    """A pointer to random bytes, a wild pointer, or a small integer."""
-    choice = rng.randrange(3)
+    """A pointer to random bytes, a wild pointer, a small integer, or an almost valid CREATE."""
+    choice = rng.randrange(4)
+    if choice == 3:
+        return random_create(rng, scratch)
     if choice == 0:
         data = rng.randbytes(256)
         ffi.memmove(scratch, data, len(data))
@@ -289,7 +352,10 @@ def test_random_ioctls_on_every_kind_of_file(control: Control, server: Server) -
     try:
         for _ in range(4000):
             fd = rng.choice([control.fileno(), server.fileno(), node, fresh_control])
-            lib.ioctl(fd, random_request(rng), random_arg(rng, scratch))
+            request = random_request(rng)
+            result = lib.ioctl(fd, request, random_arg(rng, scratch))
+            if request in (lib.UMEM_CREATE, lib.UMEM_ATTACH) and result >= 0:
+                os.close(result)  # a server fd
     finally:
         os.close(node)
         os.close(fresh_control)

@@ -6,12 +6,13 @@ import errno
 import grp
 import os
 import stat
+import subprocess
 from collections.abc import Callable
 
 import pytest
 import pyudev
 
-from umemd import Control, InstanceExistsError, InstanceNotFoundError, Server, ServerBusyError, node_path
+from umemd import Control, InstanceExistsError, InstanceNotFoundError, NodeOwner, Server, ServerBusyError, node_path
 from umemd.device import CONTROL_PATH, DeviceError
 
 
@@ -36,17 +37,20 @@ def test_control_node_is_root_only() -> None:
     assert st.st_uid == 0
 
 
-def test_node_appears_with_the_rules_group_and_mode_then_goes(
+def test_node_appears_with_the_owner_and_mode_of_create_after_udev_then_goes(
     control: Control, udev_monitor: pyudev.Monitor
 ) -> None:
-    server = control.create("udev-node", 1 << 20)
+    kvm = grp.getgrnam("kvm").gr_gid
+    server = control.create("udev-node", 1 << 20, owner=NodeOwner(4242, kvm, 0o640))
     added = next_event(udev_monitor)
     assert added.action == "add" and added.sys_path.endswith("/umem!udev-node")
     assert added.device_node == str(node_path("udev-node"))
+    assert (added.properties["DEVUID"], added.properties["DEVGID"], added.properties["DEVMODE"]) == (
+        "4242", str(kvm), "0640")
+    subprocess.run(["udevadm", "settle"], check=False)  # udev has applied its rules
     st = os.stat(node_path("udev-node"))
     assert stat.S_ISCHR(st.st_mode)
-    assert st.st_gid == grp.getgrnam("kvm").gr_gid
-    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4242, kvm, 0o640)
 
     control.destroy("udev-node")
     removed = next_event(udev_monitor)

@@ -15,7 +15,7 @@ from umemd.device import Control
 
 
 def test_every_ioctl_in_the_header_is_in_the_binding() -> None:
-    names = re.findall(r"^#define\s+(UMEM_[A-Z_]+)\s+_IOW?R?\(", HEADER.read_text(), re.M)
+    names = re.findall(r"^#define\s+(UMEM_[A-Z_]+)\s+_IO[WR]{0,2}\(", HEADER.read_text(), re.M)
     assert {"UMEM_API", "UMEM_CREATE", "UMEM_FILL", "UMEM_BITMAP"} <= set(names)
     for name in names:
         assert getattr(lib, name) > 0, name
@@ -28,6 +28,8 @@ def test_struct_sizes_match_the_kernels_build_bug_ons() -> None:
     assert len(pinned) >= 10
     for struct, size in pinned:
         assert ffi.sizeof(f"struct {struct}") == int(size), struct
+    assert "BUILD_BUG_ON(sizeof(struct umem_create) != UMEM_CREATE_SIZE_VER0)" in control_c
+    assert ffi.sizeof("struct umem_create") == lib.UMEM_CREATE_SIZE_VER0
 
 
 def test_cdef_leaves_values_to_the_compiler() -> None:

@@ -33,7 +33,7 @@ BUG, Oops, Call Trace, panic, GPF, UBSAN or KASAN report, and with 124 on
 EPILOG = """\
 examples:
   python3 -m tests.vm -- true
-  python3 -m tests.vm --udev kernel/60-umem.rules -- python -m pytest tests/kernel
+  python3 -m tests.vm --udev -- python -m pytest tests/kernel
   python3 -m tests.vm --hostfwd 4444:4444 -- python3 -m http.server 4444
   UMEM_VM_ACCEL=tcg python3 -m tests.vm --env FOO=1 -- sh -c 'echo $FOO'"""
 
@@ -83,9 +83,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="wall-clock limit for boot + command (default: 900)")
     add("--env", "-e", type=_env_pair, action="append", default=[], metavar="NAME=VALUE",
         help="set a variable in the command's environment (repeatable)")
-    add("--udev", type=_rules_file, action="append", default=[], metavar="RULES_FILE",
-        help="install these udev rules in /run/udev/rules.d and run systemd-udevd "
-             "(trigger + settle before the command) (repeatable)")
+    add("--udev", action="store_true",
+        help="run systemd-udevd (trigger + settle before the command)")
+    add("--udev-rules", type=_rules_file, action="append", default=[], metavar="RULES_FILE",
+        help="install these udev rules in /run/udev/rules.d; implies --udev (repeatable)")
     add("--net", action="store_true",
         help="user-mode network on eth0 (10.0.2.15/24, gateway 10.0.2.2)")
     add("--hostfwd", type=_port_pair, action="append", default=[],
@@ -119,7 +120,7 @@ def main(argv: list[str]) -> int:
         kernel=kernel, initramfs=initramfs, checkout=CHECKOUT, command=args.command,
         env=dict(args.env), cpu=args.cpu, memory=args.memory, cpus=args.cpus, tb_size=args.tb_size,
         checkout_cache=args.checkout_cache, net=args.net, hostfwd=args.hostfwd,
-        udev_rules=args.udev, timeout=args.timeout, console_log=args.console_log,
+        udev=args.udev, udev_rules=args.udev_rules, timeout=args.timeout, console_log=args.console_log,
         verbose=args.verbose)
     cfg.accel, reason = choose_accel(args.accel, cfg, args.cache_dir)
     if args.verbose:

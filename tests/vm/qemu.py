@@ -62,6 +62,7 @@ class VMConfig:
     checkout_cache: str = "loose"
     net: bool = False
     hostfwd: list[tuple[int, int]] = field(default_factory=list)
+    udev: bool = False  # run systemd-udevd (implied by udev_rules)
     udev_rules: list[Path] = field(default_factory=list)
     timeout: float = 900.0
     console_log: Path = Path("build/vm-console.log")
@@ -103,6 +104,10 @@ def guest_env(cfg: VMConfig) -> dict[str, str]:
     return env
 
 
+def runs_udev(cfg: VMConfig) -> bool:
+    return cfg.udev or bool(cfg.udev_rules)
+
+
 def run_files(cfg: VMConfig) -> dict[str, bytes]:
     """The per-run files: run.conf (sourced by init.sh) and udev rules."""
     stty = ""
@@ -114,14 +119,14 @@ def run_files(cfg: VMConfig) -> dict[str, bytes]:
         f"UMEM_VM_CHECKOUT={shlex.quote(str(cfg.checkout))}",
         f"UMEM_VM_CHECKOUT_CACHE={shlex.quote(cfg.checkout_cache)}",
         f"UMEM_VM_NET={int(cfg.net or bool(cfg.hostfwd))}",
-        f"UMEM_VM_UDEV={int(bool(cfg.udev_rules))}",
+        f"UMEM_VM_UDEV={int(runs_udev(cfg))}",
         f"UMEM_VM_STTY={shlex.quote(stty)}",
         "set -- " + " ".join(shlex.quote(a) for a in env_args + cfg.command),
     ]
     files = {"etc/umem-vm/run.conf": "\n".join(conf).encode() + b"\n"}
     for rules in cfg.udev_rules:
         files[f"etc/umem-vm/rules.d/{rules.name}"] = rules.read_bytes()
-    if cfg.udev_rules and "80-drivers.rules" not in {r.name for r in cfg.udev_rules}:
+    if runs_udev(cfg) and "80-drivers.rules" not in {r.name for r in cfg.udev_rules}:
         # Mask Debian's rule that modprobes every device's modalias: coldplug
         # would load ~40 modules (AHCI, crypto, watchdog...), 15 s under TCG.
         files["etc/umem-vm/rules.d/80-drivers.rules"] = UDEV_NO_AUTOLOAD
@@ -341,7 +346,7 @@ def choose_accel(requested: str, cfg: VMConfig, cache_dir: Path,
         pass
     probe_cfg = dataclasses.replace(
         cfg, accel="kvm", command=["true"], console_log=path.with_suffix(".console.log"),
-        verbose=False, net=False, hostfwd=[], udev_rules=[])
+        verbose=False, net=False, hostfwd=[], udev=False, udev_rules=[])
     with open(os.devnull, "wb") as devnull:
         result = run_vm(probe_cfg, marker_timeout=probe_timeout, out=devnull)
     if result.marker_seen:
