@@ -20,6 +20,8 @@ import pytest
 from umemd import Control, DeviceError, InstanceNotFoundError, Server
 from umemd.device import CONTROL_PATH
 
+from .cgroups import Cgroup, memory_cgroups
+
 IN_VM = os.environ.get("UMEM_IN_VM") == "1"
 KMOD = os.environ.get("UMEM_KMOD", str(Path(__file__).resolve().parents[2] / "kernel" / "umem.ko"))
 
@@ -45,6 +47,12 @@ def umem_module() -> None:
 def control() -> Iterator[Control]:
     with Control() as ctl:
         yield ctl
+
+
+@pytest.fixture
+def cgroups() -> Iterator[Callable[[str], Cgroup]]:
+    with memory_cgroups() as make:
+        yield make
 
 
 _names = itertools.count()

@@ -25,13 +25,13 @@ import pytest
 
 from umemd import Control, NodeOwner, Server, node_path, read_counters
 
+from .cgroups import Cgroup
 from .mapping import PAGE, Mapping, aligned_mapping, libc, page_pattern
 from .waiting import wait_until
 
 HUGE = 2 << 20
 MADV_COLLAPSE = 25
 NOBODY = 65534
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def open_as(path: Path | str, uid: int, gid: int, groups: list[int]) -> subprocess.CompletedProcess[str]:
@@ -131,44 +131,6 @@ def test_madv_collapse_never_maps_a_missing_page(make_instance: Callable[..., Se
 
 
 # ---- 4. guest RAM is charged to the guest's memory cgroup --------------
-
-
-class Cgroup:
-    """A cgroup2 directory the test process can enter and leave."""
-
-    def __init__(self, name: str) -> None:
-        self.path = CGROUP_ROOT / name
-        self.path.mkdir()
-
-    @contextlib.contextmanager
-    def entered(self) -> Iterator[None]:
-        (self.path / "cgroup.procs").write_text(str(os.getpid()))
-        try:
-            yield
-        finally:
-            (CGROUP_ROOT / "cgroup.procs").write_text(str(os.getpid()))
-
-    def memory_current(self) -> int:
-        return int((self.path / "memory.current").read_text())
-
-    def remove(self) -> None:
-        self.path.rmdir()
-
-
-@pytest.fixture
-def cgroups() -> Iterator[Callable[[str], Cgroup]]:
-    controllers = CGROUP_ROOT / "cgroup.subtree_control"
-    if "memory" not in controllers.read_text().split():
-        controllers.write_text("+memory")
-    made: list[Cgroup] = []
-
-    def make(name: str) -> Cgroup:
-        made.append(Cgroup(f"umem-test-{os.getpid()}-{name}"))
-        return made[-1]
-
-    yield make
-    for cgroup in made:
-        cgroup.remove()
 
 
 FILLED = 1024  # pages: 4 MiB

@@ -40,3 +40,25 @@ def test_migrate_without_a_pull_daemon_fails_and_names_it(caplog: pytest.LogCapt
                        "--dst-status", "127.0.0.1:9", "--uri", "tcp:127.0.0.1:9", "--ready-timeout", "1"])
     assert status == cli.EXIT_FAILED
     assert "no umemd pull status at 127.0.0.1:9" in caplog.text
+
+
+@pytest.mark.parametrize(("text", "expected"), [("root", (0, 0)), ("4242", (4242, 0)), ("4242:107", (4242, 107)),
+                                                ("root:root", (0, 0))])
+def test_owner_takes_names_or_numbers_and_defaults_the_group_to_root(text: str, expected: tuple[int, int]) -> None:
+    assert cli.parse_owner(text) == expected
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--owner", "no-such-user-here"], "no user 'no-such-user-here' on this host"),
+    (["--owner", "root:no-such-group-here"], "no group 'no-such-group-here' on this host"),
+    (["--owner", ":kvm"], "give a user"),
+    (["--mode", "0"], "not a mode from 1 to 0777"),
+    (["--mode", "4755"], "not a mode from 1 to 0777"),
+    (["--mode", "rw"], "not a mode from 1 to 0777"),
+])
+def test_pull_refuses_a_bad_owner_or_mode_naming_it(argv: list[str], message: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["pull", "vm1", "--size", "1M", "--listen", "127.0.0.1:1", "--key-file", "k", *argv])
+    assert info.value.code == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err

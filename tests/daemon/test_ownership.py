@@ -1,0 +1,39 @@
+"""umemd pull gives the node to the QEMU that will map it, charges the
+guest's pages to the cgroup it names, and its counters can be read while it
+runs."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import stat
+import subprocess
+import sys
+
+from tests.kernel.cgroups import memory_cgroups
+from umemd import node_path, read_counters
+
+from .conftest import PAGE, Migration, wait_for
+
+
+def test_pull_owner_mode_cgroup_and_stats_beside_it(migration: Migration) -> None:
+    kvm = grp.getgrnam("kvm").gr_gid
+    with memory_cgroups() as make:
+        guest = make("pulled-guest")
+        pull = migration.pull("--owner", f"4242:{kvm}", "--mode", "0640", "--cgroup", str(guest.path))
+        subprocess.run(["udevadm", "settle"], check=False)
+        st = os.stat(node_path(migration.name))
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4242, kvm, 0o640)
+
+        stats = subprocess.run([sys.executable, "-m", "umemd.cli", "stats", migration.name],
+                               capture_output=True, text=True)
+        assert stats.returncode == 0, stats.stderr
+        assert json.loads(stats.stdout)["present"] == 0
+
+        migration.serve("--max-push-rate", "16")
+        wait_for(lambda: read_counters(migration.name).filled > 1000, "the first pages filled")
+        filled = read_counters(migration.name).filled
+        assert guest.memory_current() >= filled * PAGE, "the pages pushed are not charged to --cgroup"
+        pull.kill()
+        migration.cleanup()
