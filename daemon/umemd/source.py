@@ -4,8 +4,9 @@ Serves the RAM file of the stopped source guest to one destination over
 two channels: demand (each requested page first, then a few pages after
 it) and push (every other page: the pages after recent faults first, then
 the rest in order; holes and all-zero chunks as ZERO hints). Nothing is
-sent before :attr:`PageServer.released` is set: with x-ignore-shared the
-source guest runs until switch-over, so a page read earlier may be stale.
+read from the RAM file, not even its holes, before :attr:`PageServer.released`
+is set: with x-ignore-shared the source guest runs until switch-over, so a
+page (or a hole) read earlier may be stale.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from umemd.errors import ConnectError, ProtocolError, RemoteProtocolError
+from umemd.errors import ConnectError, ProtocolError, RemoteProtocolError, UmemError
 from umemd.priority import favour_this_thread
 from umemd.protocol import (
     MAX_RUN_PAGES,
@@ -64,8 +65,8 @@ class PageServer:
         self.prepage = prepage
         self.stats = SourceStats()
         self.complete = threading.Event()
-        self._extents = list(ram.data_extents())
-        self._extent_starts = [start for start, _ in self._extents]
+        self._extents: list[tuple[int, int]] | None = None  # read once, after the release
+        self._extent_starts: list[int] = []
         self._hot: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)  # (next page, limit)
         self._sent = bytearray(ram.pages)  # this push session: 1 = present or sent
         self._lock = threading.Lock()
@@ -241,17 +242,29 @@ class PageServer:
             link.send(header, self.ram.view[run * PAGE_SIZE:(run + count) * PAGE_SIZE])
             self.stats.bytes_sent += len(header) + count * PAGE_SIZE
 
+    def _data_extents(self) -> list[tuple[int, int]]:
+        """The RAM file's data extents, read at the first use after the release: until
+        the guest stops it may write into what is a hole now."""
+        if not self.released.is_set():
+            raise UmemError("a page was about to be read before the release (a bug): refusing")
+        with self._lock:
+            if self._extents is None:
+                self._extents = list(self.ram.data_extents())
+                self._extent_starts = [start for start, _ in self._extents]
+            return self._extents
+
     def _runs(self, start: int, end: int) -> list[tuple[int, int, bool]]:
         """Split [start, end) into (lo, hi, is_data) runs by the file's data extents."""
+        extents = self._data_extents()
         runs = []
         position = start * PAGE_SIZE
         stop = end * PAGE_SIZE
         i = max(0, bisect.bisect_right(self._extent_starts, position) - 1)
         while position < stop:
-            if i < len(self._extents) and self._extents[i][1] <= position:
+            if i < len(extents) and extents[i][1] <= position:
                 i += 1
                 continue
-            ext_start, ext_end = self._extents[i] if i < len(self._extents) else (self.ram.size, self.ram.size)
+            ext_start, ext_end = extents[i] if i < len(extents) else (self.ram.size, self.ram.size)
             if position < ext_start:
                 hole_end = min(ext_start, stop)
                 runs.append((position // PAGE_SIZE, hole_end // PAGE_SIZE, False))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import cast
 
 from umemd.ramfile import PAGE_SIZE, RamFile
-from umemd.source import ZERO_RUN_MIN, zero_split
+from umemd.source import ZERO_RUN_MIN, PageServer, zero_split
+from umemd.transport import Dialer
 
 
 def test_zero_stretches_inside_data_travel_as_hints(tmp_path: Path) -> None:
@@ -19,4 +22,22 @@ def test_zero_stretches_inside_data_travel_as_hints(tmp_path: Path) -> None:
                                      (1 + ZERO_RUN_MIN, short + ZERO_RUN_MIN, True),  # the short stretch rides
                                      (short + ZERO_RUN_MIN, n, False)]
     assert zero_split(ram, 1, 1 + ZERO_RUN_MIN) == [(1, 1 + ZERO_RUN_MIN, False)]
+    ram.close()
+
+
+def test_a_hole_written_before_the_release_is_sent_as_data(tmp_path: Path) -> None:
+    """The still-running guest may write into a hole of its RAM file after serve starts and before
+    it stops: the extents must be read after the release, never at start-up."""
+    path = tmp_path / "ram"
+    with open(path, "wb") as f:
+        f.write(b"\x01" * PAGE_SIZE)
+        f.truncate(64 * PAGE_SIZE)  # pages 1..63: a hole
+    ram = RamFile(path)
+    released = threading.Event()
+    server = PageServer(ram, cast(Dialer, None), released)
+    with open(path, "r+b") as f:  # the guest, before it stops
+        f.seek(40 * PAGE_SIZE)
+        f.write(b"\x02" * PAGE_SIZE)
+    released.set()
+    assert (40, 41, True) in server._runs(40, 41), "a page written before the release travels as a ZERO hint"
     ram.close()
