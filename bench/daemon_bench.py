@@ -30,6 +30,7 @@ import mmap
 import os
 import platform
 import random
+import secrets
 import signal
 import socket
 import statistics
@@ -227,17 +228,20 @@ class Bench:
         from umemd import Control, InstanceNotFoundError, node_path
 
         name = self._name()
+        migration_id = secrets.token_hex(16)
         run = Run(f"{self.count:02d}-{label}")
         host = HERE if netns else "127.0.0.1"
         report = LOGS / f"{run.label}-pull.json"
         pull = run.spawn("pull", self.umemd("pull", name, "--size", str(self.size), "--listen", f"{host}:{self.port}",
-                                            "--key-file", str(self.key), "--report", str(report), "--quiet"))
+                                            "--key-file", str(self.key), "--migration-id", migration_id,
+                                            "--report", str(report), "--quiet"))
         try:
             wait_for(lambda: node_path(name).exists() or pull.poll() is not None, "the instance node")
 
             def start_serve() -> subprocess.Popen[bytes]:
                 return run.spawn("serve", self.umemd("serve", str(self.source), "--connect", f"{host}:{self.port}",
-                                                     "--key-file", str(self.key), *serve_args, netns=netns))
+                                                     "--key-file", str(self.key), "--migration-id", migration_id,
+                                                     *serve_args, netns=netns))
             yield run, str(node_path(name)), pull, start_serve
         finally:
             run.close()

@@ -74,6 +74,7 @@ class UmemSide:
     name: str
     ram_bytes: int
     key: Path = field(init=False)
+    migration_id: str = field(init=False)  # both daemons of this migration, restarts included
     ram_file: Path = field(init=False)
     serve_proc: subprocess.Popen[bytes] | None = None
     pulls: int = 0
@@ -83,6 +84,7 @@ class UmemSide:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.key = self.workdir / "umem.key"
         self.key.write_text(secrets.token_hex(32) + "\n")
+        self.migration_id = secrets.token_hex(16)
         self.ram_file = Path("/dev/shm") / f"umem-{self.name}-{os.getpid()}"
 
     # ---- QEMU arguments ----------------------------------------------------------
@@ -138,6 +140,7 @@ class UmemSide:
         extra = ["--latency-log", self.latency_log_path] if latency_log else []
         argv = umemd_argv("pull", self.name, "--size", str(self.ram_bytes),
                           "--listen", f"{bind}:{self.topo.guest_port('umem-page')}", "--key-file", str(self.key),
+                          "--migration-id", self.migration_id,
                           "--status", f"{bind}:{self.topo.guest_port('umem-status')}",
                           "--report", self.pull_report_path, *extra)
         if PROFILE:  # where the pull's time goes: py-spy's folded stacks, every thread, idle included
@@ -158,6 +161,7 @@ class UmemSide:
         self.serve_proc = subprocess.Popen(
             [sys.executable, "-m", "umemd.cli", "-v", "serve", str(self.ram_file),
              "--connect", f"127.0.0.1:{self.topo.host_port('umem-page')}", "--key-file", str(self.key),
+             "--migration-id", self.migration_id,
              "--qmp", str(self.serve_qmp), "--report", str(self.workdir / f"serve-{self.serves}.json"), *extra],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=CHECKOUT)
         out.close()

@@ -25,7 +25,7 @@ from umemd.destination import Puller, open_instance
 from umemd.device import CONTROL_PATH, Control, NodeOwner, node_path, read_counters
 from umemd.errors import ModuleNotLoadedError, UmemError
 from umemd.priority import short_gil_slices
-from umemd.protocol import Role
+from umemd.protocol import MIGRATION_ID_SIZE, Role
 from umemd.ramfile import RamFile
 from umemd.source import PREPAGE, PageServer
 from umemd.stats import PullStats
@@ -49,10 +49,11 @@ side may listen, the other connects.
 
 typical use (destination listens):
   dst# umemd keygen /etc/umem/key        (copy the key to the source)
+  dst# umemd migration-id                (new for every migration: e.g. 5f0c...)
   dst# umemd pull vm1 --size 512M --owner libvirt-qemu:kvm --listen 0.0.0.0:4444 \\
-           --key-file /etc/umem/key
+           --key-file /etc/umem/key --migration-id 5f0c...
   src# umemd serve /dev/shm/vm1-ram --connect dst:4444 --key-file /etc/umem/key \\
-           --qmp /run/vm1.qmp
+           --migration-id 5f0c... --qmp /run/vm1.qmp
 """
 
 EPILOG = f"""\
@@ -148,13 +149,30 @@ def read_key(path: Path) -> bytes:
     return key
 
 
+def parse_migration_id(text: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != MIGRATION_ID_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a migration id: {2 * MIGRATION_ID_SIZE} hex digits "
+                                         "(umemd migration-id prints a new one)")
+    return raw
+
+
 def dialer_for(args: argparse.Namespace, role: Role, stop: threading.Event) -> Dialer:
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
     endpoint = args.listen or args.connect
     try:
-        return Dialer(role, read_key(args.key_file), endpoint, listen=args.listen is not None, tls=tls, stop=stop)
+        return Dialer(role, read_key(args.key_file), args.migration_id, endpoint, listen=args.listen is not None,
+                      tls=tls, stop=stop)
     except OSError as e:
         raise UmemError(f"cannot listen on {endpoint}: {e.strerror or e}") from e
+
+
+def cmd_migration_id(args: argparse.Namespace) -> int:
+    print(secrets.token_hex(MIGRATION_ID_SIZE))
+    return 0
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -224,7 +242,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     short_gil_slices()
     stop = threading.Event()
     with Control(args.control) as control:
-        server, attached = open_instance(control, args.name, args.size, node_owner(args), args.cgroup)
+        server, attached = open_instance(control, args.name, args.size, args.migration_id, node_owner(args),
+                                         args.cgroup)
         stats = PullStats(args.name, server.pages, attached=attached)
         if args.latency_log:
             stats.latency.keep_samples()
@@ -260,7 +279,7 @@ def status_line(puller: Puller, state: str, present: int | None = None) -> dict[
     if present is None:
         present = puller.present()
     return {"time": time.time(), "name": puller.server.name, "node": str(node_path(puller.server.name)),
-            "state": state, **puller.stats.report(present)}
+            "migration_id": puller.server.tag.hex(), "state": state, **puller.stats.report(present)}
 
 
 class Progress(threading.Thread):
@@ -296,6 +315,10 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
                        help="connect to the peer there, retrying with backoff until it answers")
     p.add_argument("--key-file", type=Path, required=True, metavar="FILE",
                    help="the shared key (umemd keygen FILE); a peer without it is refused before any page")
+    p.add_argument("--migration-id", type=parse_migration_id, required=True, metavar="HEX",
+                   help="which migration this is: the same 32 hex digits on both daemons, new for every "
+                   "migration and every retry (umemd migration-id prints one); a peer, or a leftover instance, "
+                   "of another migration is refused")
     p.add_argument("--tls-cert", type=Path, metavar="PEM", help="use TLS with this certificate (and --tls-key)")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
     p.add_argument("--tls-ca", type=Path, metavar="PEM", help="verify the peer's certificate against this CA")
@@ -389,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plot pages present, faults per second and fault latency over time here")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("migration-id", help="print a new random migration id",
+                       description="Print 16 random bytes, hex: give them to both daemons of one migration "
+                       "(--migration-id). Every migration, and every retry of a failed one, needs a new id.")
+    p.set_defaults(func=cmd_migration_id)
 
     p = sub.add_parser("keygen", help="write a new random key file",
                        description="Write 32 random bytes, hex, to FILE (mode 0600; FILE must not exist).")

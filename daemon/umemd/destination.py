@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from umemd.device import Control, NodeOwner, Server
-from umemd.errors import ConnectError, InstanceExistsError, ProtocolError, UmemError
+from umemd.errors import ConnectError, InstanceExistsError, MigrationMismatchError, ProtocolError, UmemError
 from umemd.priority import favour_this_thread
 from umemd.protocol import (
     MAX_HAVE_PAGES,
@@ -266,18 +266,24 @@ class Puller:
         log.info("push channel: told the source which %d pages are present", self.present())
 
 
-def open_instance(control: Control, name: str, size: int, owner: NodeOwner | None = None,
+def open_instance(control: Control, name: str, size: int, migration_id: bytes, owner: NodeOwner | None = None,
                   cgroup: Path | None = None) -> tuple[Server, bool]:
-    """Create instance ``name`` of ``size`` bytes, or attach to it after a restart.
+    """Create instance ``name`` of ``size`` bytes for ``migration_id`` (its
+    kernel tag), or attach to it after a restart of the same migration.
 
     A new instance's node belongs to ``owner`` (default root:root 0600) and
     its pages are charged to ``cgroup`` (default: the first mapper's).
     Returns the server and whether it was attached.
     """
     try:
-        return control.create(name, size, nonblock=True, owner=owner, cgroup=cgroup), False
+        return control.create(name, size, nonblock=True, owner=owner, cgroup=cgroup, tag=migration_id), False
     except InstanceExistsError:
         server = control.attach(name, nonblock=True)
+    if server.tag != migration_id:
+        server.close()
+        raise MigrationMismatchError(
+            f"instance {name!r} belongs to migration {server.tag.hex()}, not to {migration_id.hex()}: it is left "
+            f"from another migration; if no guest maps it, remove it (umemd destroy {name}) and start again")
     if server.size != size:
         server.close()
         raise SizeMismatchError(f"instance {name!r} exists with {server.size} bytes, not {size}: "

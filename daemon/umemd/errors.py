@@ -12,6 +12,7 @@ Every error umemd raises derives from :class:`UmemError`. The tree::
      +-- ProtocolError           the wire protocol was broken
      |    +-- LocalProtocolError     by us (a bug in umemd)
      |    +-- RemoteProtocolError    by the peer: that connection is closed
+     |         +-- MigrationMismatchError  the peer belongs to another migration
      +-- ConnectError            a connection could not be made (OSError kept as cause)
 
 Messages name the thing that failed and, where there is one, the fix.
@@ -69,6 +70,10 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something malformed or out of place."""
+
+
+class MigrationMismatchError(RemoteProtocolError):
+    """The peer (or the instance) belongs to another migration: a stale daemon."""
 
 
 class ConnectError(UmemError):

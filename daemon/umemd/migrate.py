@@ -209,7 +209,8 @@ async def _run(opts: MigrateOptions, src: QMPClient, dst: QMPClient, ready: dict
     started = time.monotonic()
     deadline = started + opts.timeout
     await src.execute("migrate", {"uri": opts.uri})
-    log.info("migrating %s (%d pages) to %s", ready["name"], ready["pages"], opts.uri)
+    log.info("migrating %s (%d pages, migration %s) to %s", ready["name"], ready["pages"], ready["migration_id"],
+             opts.uri)
 
     def on_status(status: dict[str, Any]) -> None:
         timeline.add(time.monotonic() - started, status)
@@ -251,6 +252,7 @@ def build_report(ready: dict[str, Any], last: dict[str, Any], src_info: dict[str
     return {
         "instance": ready["name"],
         "node": ready["node"],
+        "migration_id": ready["migration_id"],
         "stop_resume_ms": round((resume - stop) * 1000, 1) if stop and resume else None,
         "total_s": round(finished - started, 3),
         "qemu": {"total_ms": src_info.get("total-time"), "setup_ms": src_info.get("setup-time"),
@@ -271,7 +273,8 @@ def summary(report: dict[str, Any]) -> str:
     p, q, lat = report["pages"], report["qemu"], report["fault_latency_us"]
     stop_resume = f"{report['stop_resume_ms']:.0f} ms" if report["stop_resume_ms"] is not None else "not seen"
     return "\n".join([
-        f"migrated {report['instance']} ({p['total']} pages, {p['total'] * 4096 / 2**20:.0f} MiB)",
+        f"migrated {report['instance']} ({p['total']} pages, {p['total'] * 4096 / 2**20:.0f} MiB, "
+        f"migration {report['migration_id']})",
         f"  STOP->RESUME      {stop_resume}",
         f"  until last page   {report['total_s']:.2f} s",
         f"  migration stream  {q['ram_bytes']} bytes of RAM blocks (device state and ROMs; guest RAM moved by umem)",

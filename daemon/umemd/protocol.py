@@ -7,7 +7,7 @@ destination) and a channel (demand or push). The caller moves bytes; the
 codec parses and checks frames, runs the handshake, and says what happened
 as events::
 
-    conn = Connection(Role.DESTINATION, Channel.DEMAND, key)
+    conn = Connection(Role.DESTINATION, Channel.DEMAND, key, migration_id)
     sock.sendall(conn.data_to_send())          # our HELLO
     while True:
         n = sock.recv_into(conn.receive_buffer())
@@ -21,6 +21,11 @@ state, with the frames a side may receive in READY further limited by its
 role and channel (:data:`ACCEPTS`). A frame the peer may not send raises
 :class:`RemoteProtocolError` and leaves the connection in ERROR; sending
 what we may not send raises :class:`LocalProtocolError` (our bug).
+
+Both sides of every connection name the migration they belong to (a
+16-byte migration id, in HELLO and bound into AUTH): a peer of another
+migration is refused before AUTH, naming both ids, so a stale daemon can
+never feed or drain a migration that is not its own.
 
 The receive buffer holds at most one largest frame; a PAGES payload is
 handed out as a memoryview into it, valid until the next ``received``.
@@ -36,21 +41,23 @@ import struct
 from dataclasses import dataclass
 from typing import NoReturn
 
-from umemd.errors import LocalProtocolError, RemoteProtocolError
+from umemd.errors import LocalProtocolError, MigrationMismatchError, RemoteProtocolError
 
 MAGIC = b"UMEMWIRE"
-VERSION = 1
+VERSION = 2
 PAGE_SIZE = 4096
 NONCE_SIZE = 16
+MIGRATION_ID_SIZE = 16
 TAG_SIZE = 32
 MAX_REQUEST_PAGES = 256
 MAX_RUN_PAGES = 1024
 MAX_HAVE_PAGES = 512 * 1024
 MAX_REASON = 256
-AUTH_LABEL = b"umem-auth-v1"
+AUTH_LABEL = b"umem-auth-v2"
 
 HEADER = struct.Struct("!BBHI")
-HELLO = struct.Struct("!8sHBBI16s")
+HELLO_PREFIX = struct.Struct("!8sH")  # magic, version: the same in every version
+HELLO = struct.Struct("!8sHBBI16s16s")  # ... role, channel, flags, nonce, migration id
 INFO = struct.Struct("!QII")
 COUNT = struct.Struct("!II")
 RUN = struct.Struct("!QII")
@@ -90,6 +97,7 @@ class ErrorCode(enum.IntEnum):
     SIZE_MISMATCH = 4
     INTERNAL = 5
     SHUTDOWN = 6
+    MIGRATION = 7
 
 
 class State(enum.Enum):
@@ -102,7 +110,7 @@ class State(enum.Enum):
 
 # Largest payload of each frame type, checked before the payload is buffered.
 MAX_PAYLOAD = {
-    FrameType.HELLO: HELLO.size,
+    FrameType.HELLO: 256,  # longer than ours, so a later version's HELLO gets the version error
     FrameType.AUTH: TAG_SIZE,
     FrameType.INFO: INFO.size,
     FrameType.REQUEST: COUNT.size + 8 * MAX_REQUEST_PAGES,
@@ -213,8 +221,9 @@ class Closed:
 Event = Authenticated | Info | Request | Pages | Zero | Have | Done | Complete | PeerError | Closed
 
 
-def auth_tag(key: bytes, sender: Role, channel: Channel, sender_nonce: bytes, receiver_nonce: bytes) -> bytes:
-    message = AUTH_LABEL + bytes([sender, channel]) + sender_nonce + receiver_nonce
+def auth_tag(key: bytes, sender: Role, channel: Channel, sender_nonce: bytes, receiver_nonce: bytes,
+             migration_id: bytes) -> bytes:
+    message = AUTH_LABEL + bytes([sender, channel]) + sender_nonce + receiver_nonce + migration_id
     return hmac.new(key, message, hashlib.sha256).digest()
 
 
@@ -225,10 +234,13 @@ def frame(kind: FrameType, payload: bytes = b"") -> bytes:
 class Connection:
     """One side of one connection. See the module docstring."""
 
-    def __init__(self, role: Role, channel: Channel, key: bytes, *, ram_size: int | None = None,
-                 nonce: bytes | None = None) -> None:
+    def __init__(self, role: Role, channel: Channel, key: bytes, migration_id: bytes, *,
+                 ram_size: int | None = None, nonce: bytes | None = None) -> None:
         if len(key) < 32:
             raise LocalProtocolError("the key must be at least 32 bytes (umemd keygen FILE makes one)")
+        if len(migration_id) != MIGRATION_ID_SIZE:
+            raise LocalProtocolError(f"a migration id is {MIGRATION_ID_SIZE} bytes, not {len(migration_id)}")
+        self.migration_id = migration_id
         self.role = role
         self.channel = channel
         self.peer_role = Role.DESTINATION if role is Role.SOURCE else Role.SOURCE
@@ -241,7 +253,8 @@ class Connection:
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
         self._eof = False
-        self._outgoing = bytearray(frame(FrameType.HELLO, HELLO.pack(MAGIC, VERSION, role, channel, 0, self._nonce)))
+        self._outgoing = bytearray(frame(FrameType.HELLO, HELLO.pack(MAGIC, VERSION, role, channel, 0, self._nonce,
+                                                                    migration_id)))
 
     # ---- receiving ----------------------------------------------------------
 
@@ -356,21 +369,39 @@ class Connection:
         return values
 
     def _on_hello(self, payload: memoryview) -> None:
-        if len(payload) != HELLO.size:
+        if len(payload) < HELLO_PREFIX.size:
             self._fail(f"HELLO payload of {len(payload)} bytes, expected {HELLO.size}")
-        magic, version, role, channel, flags, nonce = HELLO.unpack(payload)
+        magic, version = HELLO_PREFIX.unpack_from(payload)
         if magic != MAGIC:
             self._fail("not a umem peer (bad magic)")
         if version != VERSION:
-            self._fail(f"peer speaks protocol version {version}, this umemd speaks {VERSION}")
+            reason = (f"the peer speaks umem protocol version {version}, this umemd speaks {VERSION}: "
+                      "run the same umemd release on both hosts")
+            self._outgoing += self.error_frame(ErrorCode.VERSION, reason)
+            self._fail(reason)
+        if len(payload) != HELLO.size:
+            self._fail(f"HELLO payload of {len(payload)} bytes, expected {HELLO.size}")
+        _, _, role, channel, flags, nonce, migration_id = HELLO.unpack(payload)
         if role != self.peer_role or channel != self.channel or flags:
             self._fail(f"peer is role {role} on channel {channel}, expected a "
                        f"{self.peer_role.name.lower()} on the {self.channel.name.lower()} channel")
+        if migration_id != self.migration_id:
+            self._refuse_migration(migration_id)
         self._peer_nonce = nonce
-        self._outgoing += frame(FrameType.AUTH, auth_tag(self._key, self.role, self.channel, self._nonce, nonce))
+        self._outgoing += frame(FrameType.AUTH, auth_tag(self._key, self.role, self.channel, self._nonce, nonce,
+                                                         self.migration_id))
+
+    def _refuse_migration(self, theirs: bytes) -> NoReturn:
+        reason = (f"the {self.peer_role.name.lower()} belongs to migration {theirs.hex()}, this "
+                  f"{self.role.name.lower()} to migration {self.migration_id.hex()}: a daemon left from another "
+                  "migration? (both daemons need the same --migration-id)")
+        self._outgoing += self.error_frame(ErrorCode.MIGRATION, reason)
+        self.state = State.ERROR
+        raise MigrationMismatchError(reason)
 
     def _on_auth(self, payload: memoryview) -> Event:
-        expected = auth_tag(self._key, self.peer_role, self.channel, self._peer_nonce, self._nonce)
+        expected = auth_tag(self._key, self.peer_role, self.channel, self._peer_nonce, self._nonce,
+                            self.migration_id)
         if not hmac.compare_digest(bytes(payload), expected):
             self._outgoing += self.error_frame(ErrorCode.AUTH, "authentication failed")
             self._fail("authentication failed: the peer does not hold our key")

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from umemd.errors import ConnectError, ProtocolError, RemoteProtocolError, UmemError
+from umemd.errors import ConnectError, MigrationMismatchError, ProtocolError, RemoteProtocolError, UmemError
 from umemd.priority import favour_this_thread
 from umemd.protocol import (
     MAX_RUN_PAGES,
@@ -64,7 +64,9 @@ class PageServer:
         self.released = released
         self.prepage = prepage
         self.stats = SourceStats()
-        self.complete = threading.Event()
+        self.complete = threading.Event()  # the destination has every page
+        self.failure: UmemError | None = None  # why serving cannot go on (set once, before _over)
+        self._over = threading.Event()  # complete or failed: run() returns
         self._extents: list[tuple[int, int]] | None = None  # read once, after the release
         self._extent_starts: list[int] = []
         self._hot: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)  # (next page, limit)
@@ -77,7 +79,9 @@ class PageServer:
                                     daemon=True) for channel in Channel]
         for t in threads:
             t.start()
-        self.complete.wait()
+        self._over.wait()
+        if self.failure is not None:
+            raise self.failure
         log.info("destination has every page: %d sent on demand, %d pushed, %d as zero hints",
                  self.stats.demand_pages, self.stats.pushed_pages, self.stats.zero_pages)
         return 0
@@ -87,6 +91,9 @@ class PageServer:
         while not self.complete.is_set():
             try:
                 link = self.dialer.link(channel)
+            except MigrationMismatchError as e:
+                self._give_up(e)
+                return
             except ConnectError:
                 return
             self.stats.sessions[channel.name.lower()] += 1
@@ -164,6 +171,7 @@ class PageServer:
             log.info("push stream stopped after %d pages: the destination needs no more", pushed)
         if isinstance(end, Complete):
             self.complete.set()
+            self._over.set()
         else:
             self._log_end(link, end)
 
@@ -274,6 +282,11 @@ class PageServer:
                 runs.append((position // PAGE_SIZE, data_end // PAGE_SIZE, True))
                 position = data_end
         return runs
+
+    def _give_up(self, error: UmemError) -> None:
+        if self.failure is None:
+            self.failure = error
+        self._over.set()
 
     @staticmethod
     def _log_end(link: Link, event: PeerError | Closed) -> None:

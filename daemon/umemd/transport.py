@@ -20,8 +20,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from umemd.errors import ConnectError, RemoteProtocolError, UmemError
-from umemd.protocol import HEADER, HELLO, Authenticated, Channel, Connection, Event, FrameType, Role
+from umemd.errors import ConnectError, MigrationMismatchError, RemoteProtocolError, UmemError
+from umemd.protocol import (
+    HEADER,
+    MAX_PAYLOAD,
+    Authenticated,
+    Channel,
+    Connection,
+    ErrorCode,
+    Event,
+    FrameType,
+    PeerError,
+    Role,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +141,8 @@ class Link:
             self.sock.close()
 
 
-def _handshake(sock: socket.socket, role: Role, key: bytes, peer: str, channel: Channel | None) -> Link:
+def _handshake(sock: socket.socket, role: Role, key: bytes, migration_id: bytes, peer: str,
+               channel: Channel | None) -> Link:
     """Run the handshake on a fresh socket; ``channel`` None: the one the peer's HELLO names."""
     sock.settimeout(HANDSHAKE_TIMEOUT)
     hello = b""
@@ -139,7 +151,7 @@ def _handshake(sock: socket.socket, role: Role, key: bytes, peer: str, channel: 
         named = hello[HEADER.size + 11]  # the channel byte of the HELLO payload
         # An invalid channel still gets a codec, which then refuses that HELLO with the reason.
         channel = Channel(named) if named in {c.value for c in Channel} else Channel.DEMAND
-    conn = Connection(role, channel, key)
+    conn = Connection(role, channel, key, migration_id)
     link = Link(sock, conn, peer)
     try:
         link.flush()  # our HELLO
@@ -155,6 +167,9 @@ def _handshake(sock: socket.socket, role: Role, key: bytes, peer: str, channel: 
                     sock.settimeout(None)
                     link.pending = events[i + 1:]  # e.g. the source's INFO, in the same segment
                     return link
+                if isinstance(event, PeerError):
+                    error = MigrationMismatchError if event.code == ErrorCode.MIGRATION else RemoteProtocolError
+                    raise error(f"the peer refused the connection: {event.reason}")
                 raise RemoteProtocolError(f"{type(event).__name__} before the handshake finished")
             events = link.receive()
     except (RemoteProtocolError, OSError):
@@ -164,28 +179,35 @@ def _handshake(sock: socket.socket, role: Role, key: bytes, peer: str, channel: 
         raise
 
 
-def _read_hello(sock: socket.socket) -> bytes:
-    """The first frame of a connecting peer, which must be a HELLO."""
-    want = HEADER.size + HELLO.size
+def _read_exactly(sock: socket.socket, want: int) -> bytes:
     data = b""
     while len(data) < want:
         chunk = sock.recv(want - len(data))
         if not chunk:
             raise RemoteProtocolError("the peer closed before its HELLO")
         data += chunk
-    if data[0] != FrameType.HELLO:
-        raise RemoteProtocolError("the peer did not start with a umem HELLO")
     return data
+
+
+def _read_hello(sock: socket.socket) -> bytes:
+    """The first frame of a connecting peer, which must be a HELLO (of any
+    protocol version: its length is read from its header)."""
+    header = _read_exactly(sock, HEADER.size)
+    kind, _, _, length = HEADER.unpack(header)
+    if kind != FrameType.HELLO or length > MAX_PAYLOAD[FrameType.HELLO] or length < 12:
+        raise RemoteProtocolError("the peer did not start with a umem HELLO")
+    return header + _read_exactly(sock, length)
 
 
 class Dialer:
     """Makes authenticated links for ``role``, by connecting or by listening."""
 
-    def __init__(self, role: Role, key: bytes, endpoint: Endpoint, *, listen: bool, tls: TlsFiles | None = None,
-                 stop: threading.Event | None = None) -> None:
+    def __init__(self, role: Role, key: bytes, migration_id: bytes, endpoint: Endpoint, *, listen: bool,
+                 tls: TlsFiles | None = None, stop: threading.Event | None = None) -> None:
         self.role = role
         self.endpoint = endpoint
         self.listen = listen
+        self.migration_id = migration_id
         self._key = key
         self._tls = tls.context(server_side=listen) if tls else None
         self._stop = stop or threading.Event()
@@ -198,7 +220,10 @@ class Dialer:
             log.info("listening on %s", endpoint)
 
     def link(self, channel: Channel) -> Link:
-        """A new link on ``channel``: waits (with backoff while connecting) until one is made."""
+        """A new link on ``channel``: waits (with backoff while connecting) until one is made.
+
+        A peer of another migration is not retried: MigrationMismatchError.
+        """
         delay = BACKOFF_FIRST
         while not self._stop.is_set():
             if self.listen:
@@ -208,6 +233,8 @@ class Dialer:
                     continue
             try:
                 return self._connect(channel)
+            except MigrationMismatchError:
+                raise
             except (ConnectError, RemoteProtocolError) as e:
                 log.warning("%s channel: %s; retrying in %.1f s", channel.name.lower(), e, delay)
                 self._stop.wait(delay)
@@ -223,7 +250,7 @@ class Dialer:
         except OSError as e:
             raise ConnectError(f"cannot connect to {self.endpoint}: {e.strerror or e}") from e
         try:
-            link = _handshake(sock, self.role, self._key, str(self.endpoint), channel)
+            link = _handshake(sock, self.role, self._key, self.migration_id, str(self.endpoint), channel)
         except OSError as e:
             raise ConnectError(f"handshake with {self.endpoint} failed: {e.strerror or e}") from e
         log.info("%s channel connected to %s", channel.name.lower(), self.endpoint)
@@ -246,7 +273,7 @@ class Dialer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls:
                 sock = self._tls.wrap_socket(sock, server_side=True)
-            link = _handshake(sock, self.role, self._key, peer, None)
+            link = _handshake(sock, self.role, self._key, self.migration_id, peer, None)
         except (RemoteProtocolError, OSError, ssl.SSLError) as e:
             log.warning("refused a connection from %s: %s", peer, e)
             sock.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -101,22 +102,25 @@ class Migration:
         self.key = key
         self.name = name
         self.port = free_port()
+        self.migration_id = secrets.token_hex(16)  # this migration's daemons, restarts included
         self.report = tmp_path / "pull.json"
         self.daemons: list[Umemd] = []
 
     def pull(self, *extra: str, listen: str | None = None) -> Umemd:
         where = ["--listen", listen or f"127.0.0.1:{self.port}"]
         d = Umemd(self.log_path("pull"), "pull", self.name, "--size", str(self.source.stat().st_size), *where,
-                  "--key-file", str(self.key), "--report", str(self.report), *extra)
+                  "--key-file", str(self.key), "--migration-id", self.migration_id, "--report", str(self.report),
+                  *extra)
         self.daemons.append(d)
         wait_for(lambda: node_path(self.name).exists() or d.proc.poll() is not None, "the instance node")
         assert d.proc.poll() is None, d.text()
         return d
 
     def serve(self, *extra: str, connect: str | None = None, netns: str | None = None,
-              key: Path | None = None) -> Umemd:
-        d = Umemd(self.log_path("serve"), "serve", str(self.source), "--connect",
-                  connect or f"127.0.0.1:{self.port}", "--key-file", str(key or self.key), *extra, netns=netns)
+              key: Path | None = None, migration_id: str | None = None, source: Path | None = None) -> Umemd:
+        d = Umemd(self.log_path("serve"), "serve", str(source or self.source), "--connect",
+                  connect or f"127.0.0.1:{self.port}", "--key-file", str(key or self.key),
+                  "--migration-id", migration_id or self.migration_id, *extra, netns=netns)
         self.daemons.append(d)
         return d
 

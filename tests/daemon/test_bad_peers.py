@@ -11,7 +11,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from umemd.protocol import HEADER, MAGIC, FrameType, frame
+from umemd.protocol import HEADER, MAGIC, VERSION, FrameType, frame
 
 from .conftest import PAGE, SOURCE_SIZE, Migration, wait_for
 from .test_pull import finish
@@ -31,8 +31,16 @@ def send_raw(port: int, data: bytes) -> bytes:
     return reply
 
 
-def hello(version: int = 1, role: int = 1, channel: int = 1) -> bytes:
-    return frame(FrameType.HELLO, struct.pack("!8sHBBI16s", MAGIC, version, role, channel, 0, bytes(16)))
+def hello(migration: Migration, version: int = VERSION, role: int = 1, channel: int = 1,
+          migration_id: bytes | None = None) -> bytes:
+    """A source's HELLO for ``migration`` (or for another one)."""
+    ours = bytes.fromhex(migration.migration_id)
+    return frame(FrameType.HELLO, struct.pack("!8sHBBI16s16s", MAGIC, version, role, channel, 0, bytes(16),
+                                              migration_id or ours))
+
+
+def v1_hello() -> bytes:
+    return frame(FrameType.HELLO, struct.pack("!8sHBBI16s", MAGIC, 1, 1, 1, 0, bytes(16)))
 
 
 def test_a_wrong_key_gets_no_page(migration: Migration, tmp_path: Path) -> None:
@@ -53,11 +61,13 @@ def test_malformed_connections_are_closed_and_logged(migration: Migration) -> No
     pull = migration.pull()
     cases = {
         b"GET / HTTP/1.0\r\n\r\n" * 3: "did not start with a umem HELLO",
-        hello(version=9): "protocol version 9",
-        hello(role=2): "expected a source",
-        hello() + HEADER.pack(FrameType.PAGES, 0, 0, 1 << 30): "exceeds its limit",
-        hello() + HEADER.pack(FrameType.PAGES, 0, 0, 16) + bytes(16): "PAGES is not allowed",
-        hello()[:20]: "closed before its HELLO",
+        hello(migration, version=9): "protocol version 9",
+        v1_hello(): "the peer speaks umem protocol version 1, this umemd speaks 2",
+        hello(migration, role=2): "expected a source",
+        hello(migration, migration_id=b"\xee" * 16): f"belongs to migration {'ee' * 16}",
+        hello(migration) + HEADER.pack(FrameType.PAGES, 0, 0, 1 << 30): "exceeds its limit",
+        hello(migration) + HEADER.pack(FrameType.PAGES, 0, 0, 16) + bytes(16): "PAGES is not allowed",
+        hello(migration)[:20]: "closed before its HELLO",
     }
     for data, reason in cases.items():
         send_raw(migration.port, data)
@@ -72,7 +82,7 @@ def test_fuzzed_connections_never_stop_the_daemons(migration: Migration) -> None
     pull = migration.pull()
 
     @settings(max_examples=40, deadline=None, database=None)
-    @given(st.one_of(st.binary(max_size=256), st.binary(max_size=64).map(lambda tail: hello() + tail)))
+    @given(st.one_of(st.binary(max_size=256), st.binary(max_size=64).map(lambda tail: hello(migration) + tail)))
     def fuzz(data: bytes) -> None:
         send_raw(migration.port, data)
         assert pull.proc.poll() is None

@@ -74,7 +74,8 @@ def test_a_page_server_with_the_wrong_key_gets_nothing(vm: Driver, workdir: Path
         await load_module(vm.topo)
         await side.start_pull()
         serve = subprocess.Popen([sys.executable, "-m", "umemd.cli", "serve", str(side.ram_file), "--connect",
-                                  f"127.0.0.1:{vm.topo.host_port('umem-page')}", "--key-file", str(wrong)],
+                                  f"127.0.0.1:{vm.topo.host_port('umem-page')}", "--key-file", str(wrong),
+                                  "--migration-id", side.migration_id],
                                  cwd=CHECKOUT, stderr=subprocess.PIPE, text=True)
         try:
             await asyncio.sleep(8)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from umemd.errors import LocalProtocolError, RemoteProtocolError
+from umemd.errors import LocalProtocolError, MigrationMismatchError, RemoteProtocolError
 from umemd.protocol import (
     HEADER,
     MAX_RUN_PAGES,
@@ -33,6 +33,8 @@ from umemd.protocol import (
 )
 
 KEY = bytes(range(32))
+MIGRATION = bytes.fromhex("5f0c" * 8)
+OTHER_MIGRATION = bytes.fromhex("a11e" * 8)
 RAM = 64 * PAGE_SIZE
 
 
@@ -46,7 +48,8 @@ def events(conn: Connection, data: bytes) -> list[Event]:
 
 def connected(channel: Channel = Channel.DEMAND) -> tuple[Connection, Connection]:
     """A source and a destination past the handshake."""
-    src, dst = Connection(Role.SOURCE, channel, KEY), Connection(Role.DESTINATION, channel, KEY)
+    src, dst = Connection(Role.SOURCE, channel, KEY, MIGRATION), Connection(Role.DESTINATION, channel, KEY,
+                                                                             MIGRATION)
     hello_s, hello_d = src.data_to_send(), dst.data_to_send()
     assert events(src, hello_d) == [] and events(dst, hello_s) == []
     assert events(src, dst.data_to_send()) == [Authenticated(Role.DESTINATION, channel)]
@@ -61,7 +64,8 @@ def test_handshake_authenticates_both_sides() -> None:
 
 
 def test_a_wrong_key_gets_an_error_and_no_data() -> None:
-    src, dst = Connection(Role.SOURCE, Channel.DEMAND, KEY), Connection(Role.DESTINATION, Channel.DEMAND, b"x" * 32)
+    src = Connection(Role.SOURCE, Channel.DEMAND, KEY, MIGRATION)
+    dst = Connection(Role.DESTINATION, Channel.DEMAND, b"x" * 32, MIGRATION)
     hello_s, hello_d = src.data_to_send(), dst.data_to_send()
     events(src, hello_d)
     events(dst, hello_s)
@@ -79,23 +83,61 @@ def test_a_wrong_key_gets_an_error_and_no_data() -> None:
 @pytest.mark.parametrize(
     ("hello", "message"),
     [
-        (struct.pack("!8sHBBI16s", b"NOTUMEM!", 1, 2, 1, 0, bytes(16)), "bad magic"),
-        (struct.pack("!8sHBBI16s", b"UMEMWIRE", 2, 2, 1, 0, bytes(16)), "version 2"),
-        (struct.pack("!8sHBBI16s", b"UMEMWIRE", 1, 1, 1, 0, bytes(16)), "expected a destination"),
-        (struct.pack("!8sHBBI16s", b"UMEMWIRE", 1, 2, 2, 0, bytes(16)), "on the demand channel"),
+        (struct.pack("!8sHBBI16s16s", b"NOTUMEM!", 2, 2, 1, 0, bytes(16), MIGRATION), "bad magic"),
+        (struct.pack("!8sHBBI16s16s", b"UMEMWIRE", 3, 2, 1, 0, bytes(16), MIGRATION), "version 3"),
+        (struct.pack("!8sHBBI16s16s", b"UMEMWIRE", 2, 1, 1, 0, bytes(16), MIGRATION), "expected a destination"),
+        (struct.pack("!8sHBBI16s16s", b"UMEMWIRE", 2, 2, 2, 0, bytes(16), MIGRATION), "on the demand channel"),
+        (struct.pack("!8sHBBI16s", b"UMEMWIRE", 2, 2, 1, 0, bytes(16)), "HELLO payload of 32 bytes"),
     ],
-    ids=["magic", "version", "role", "channel"],
+    ids=["magic", "version", "role", "channel", "short"],
 )
 def test_bad_hello(hello: bytes, message: str) -> None:
-    src = Connection(Role.SOURCE, Channel.DEMAND, KEY)
+    src = Connection(Role.SOURCE, Channel.DEMAND, KEY, MIGRATION)
     with pytest.raises(RemoteProtocolError, match=message):
         events(src, frame(FrameType.HELLO, hello))
     assert src.state is State.ERROR
 
 
+def test_a_peer_of_protocol_version_1_is_refused_naming_both_versions() -> None:
+    src = Connection(Role.SOURCE, Channel.DEMAND, KEY, MIGRATION)
+    src.data_to_send()
+    v1_hello = struct.pack("!8sHBBI16s", b"UMEMWIRE", 1, Role.DESTINATION, Channel.DEMAND, 0, bytes(16))
+    with pytest.raises(RemoteProtocolError, match="the peer speaks umem protocol version 1, this umemd speaks 2"):
+        events(src, frame(FrameType.HELLO, v1_hello))
+    code, _ = struct.unpack_from("!HH", src.data_to_send(), HEADER.size)
+    assert code == ErrorCode.VERSION  # the peer is told why
+
+
+def test_daemons_of_two_migrations_refuse_each_other_naming_both_ids() -> None:
+    src = Connection(Role.SOURCE, Channel.PUSH, KEY, OTHER_MIGRATION)  # a stale serve, with the right key
+    dst = Connection(Role.DESTINATION, Channel.PUSH, KEY, MIGRATION)
+    hello_s, hello_d = src.data_to_send(), dst.data_to_send()
+    for conn, hello in ((dst, hello_s), (src, hello_d)):
+        with pytest.raises(MigrationMismatchError) as info:
+            events(conn, hello)
+        assert MIGRATION.hex() in str(info.value) and OTHER_MIGRATION.hex() in str(info.value)
+        assert conn.state is State.ERROR
+        reply = conn.data_to_send()
+        assert b"AUTH" not in reply and HEADER.unpack_from(reply)[0] == FrameType.ERROR  # no AUTH, only why
+        assert struct.unpack_from("!HH", reply, HEADER.size)[0] == ErrorCode.MIGRATION
+
+
+def test_the_migration_id_is_bound_into_auth() -> None:
+    """A relay that rewrites the id in a HELLO cannot make the AUTH of another migration pass."""
+    src = Connection(Role.SOURCE, Channel.DEMAND, KEY, OTHER_MIGRATION)
+    dst = Connection(Role.DESTINATION, Channel.DEMAND, KEY, MIGRATION)
+    hello_s = bytearray(src.data_to_send())
+    hello_s[-16:] = MIGRATION  # rewritten by the relay
+    events(dst, bytes(hello_s))
+    rewritten_d = bytearray(dst.data_to_send())  # its HELLO and its AUTH
+    rewritten_d[HEADER.size + 32:HEADER.size + 48] = OTHER_MIGRATION
+    with pytest.raises(RemoteProtocolError, match="authentication failed"):
+        events(src, bytes(rewritten_d))
+
+
 def test_short_key_is_refused() -> None:
     with pytest.raises(LocalProtocolError, match="32 bytes"):
-        Connection(Role.SOURCE, Channel.DEMAND, b"short")
+        Connection(Role.SOURCE, Channel.DEMAND, b"short", MIGRATION)
 
 
 def test_demand_round_trip() -> None:
@@ -151,7 +193,7 @@ def test_malformed_frames_put_the_connection_in_error(build, message: str) -> No
 
 
 def test_pages_before_authentication_are_refused() -> None:
-    dst = Connection(Role.DESTINATION, Channel.DEMAND, KEY)
+    dst = Connection(Role.DESTINATION, Channel.DEMAND, KEY, MIGRATION)
     with pytest.raises(RemoteProtocolError, match="PAGES is not allowed"):
         events(dst, HEADER.pack(FrameType.PAGES, 0, 0, 16 + PAGE_SIZE) + struct.pack("!QII", 0, 1, 0)
                + bytes(PAGE_SIZE))
@@ -178,7 +220,7 @@ def test_sending_out_of_turn_is_our_bug() -> None:
 @given(st.binary(max_size=4096))
 def test_random_bytes_only_ever_raise_remote_protocol_errors(data: bytes) -> None:
     for role in Role:
-        conn = Connection(role, Channel.PUSH, KEY)
+        conn = Connection(role, Channel.PUSH, KEY, MIGRATION)
         try:
             events(conn, data)
             events(conn, b"")

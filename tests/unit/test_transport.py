@@ -9,6 +9,7 @@ from umemd.protocol import PAGE_SIZE, Authenticated, Channel, Connection, Info, 
 from umemd.transport import Endpoint, _handshake
 
 KEY = bytes(range(32))
+MIGRATION = bytes(16)
 RAM = 16 * PAGE_SIZE
 
 
@@ -21,9 +22,9 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
 
 def scripted_source(sock: socket.socket) -> None:
     """A source that sends its AUTH and INFO in one segment."""
-    conn = Connection(Role.SOURCE, Channel.PUSH, KEY)
+    conn = Connection(Role.SOURCE, Channel.PUSH, KEY, MIGRATION)
     sock.sendall(conn.data_to_send())  # HELLO
-    conn.receive_data(recv_exact(sock, 80))  # the destination's HELLO and AUTH
+    conn.receive_data(recv_exact(sock, 96))  # the destination's HELLO and AUTH
     assert [conn.next_event(), conn.next_event()] == [Authenticated(Role.DESTINATION, Channel.PUSH), None]
     sock.sendall(conn.data_to_send() + conn.send_info(RAM))
 
@@ -32,7 +33,7 @@ def test_an_event_that_arrives_with_the_handshake_is_not_lost() -> None:
     ours, theirs = socket.socketpair()
     peer = threading.Thread(target=scripted_source, args=(theirs,))
     peer.start()
-    link = _handshake(ours, Role.DESTINATION, KEY, "test", Channel.PUSH)
+    link = _handshake(ours, Role.DESTINATION, KEY, MIGRATION, "test", Channel.PUSH)
     ours.settimeout(5)
     assert link.receive() == [Info(RAM)]
     peer.join()
