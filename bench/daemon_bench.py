@@ -241,7 +241,7 @@ class Bench:
             def start_serve() -> subprocess.Popen[bytes]:
                 return run.spawn("serve", self.umemd("serve", str(self.source), "--connect", f"{host}:{self.port}",
                                                      "--key-file", str(self.key), "--migration-id", migration_id,
-                                                     *serve_args, netns=netns))
+                                                     "--guest-stopped-for-good", *serve_args, netns=netns))
             yield run, str(node_path(name)), pull, start_serve
         finally:
             run.close()

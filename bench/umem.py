@@ -154,15 +154,17 @@ class UmemSide:
         await self.topo.agent.request("signal", name=self.pull_name, signum=int(signal.SIGKILL))
         await self.topo.agent.request("stop", name=self.pull_name, grace=10)
 
-    def start_serve(self, *extra: str) -> subprocess.Popen[bytes]:
-        """Start (or restart) ``umemd serve`` on the host; it holds pages until the source stops."""
+    def start_serve(self, *extra: str, stopped_for_good: bool = False) -> subprocess.Popen[bytes]:
+        """Start (or restart) ``umemd serve`` on the host; it holds pages until the source reaches
+        pre-switchover, or, ``stopped_for_good``, serves at once (a restart once the source QEMU has quit)."""
+        gate = ["--guest-stopped-for-good"] if stopped_for_good else ["--qmp", str(self.serve_qmp)]
         self.serves += 1
         out = (self.workdir / f"serve-{self.serves}.log").open("wb")
         self.serve_proc = subprocess.Popen(
             [sys.executable, "-m", "umemd.cli", "-v", "serve", str(self.ram_file),
              "--connect", f"127.0.0.1:{self.topo.host_port('umem-page')}", "--key-file", str(self.key),
              "--migration-id", self.migration_id,
-             "--qmp", str(self.serve_qmp), "--report", str(self.workdir / f"serve-{self.serves}.json"), *extra],
+             *gate, "--report", str(self.workdir / f"serve-{self.serves}.json"), *extra],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=CHECKOUT)
         out.close()
         return self.serve_proc
@@ -182,6 +184,19 @@ class UmemSide:
         data = await self.topo.agent.read_file(self.pull_report_path)
         report: dict[str, Any] = json.loads(data)
         return report
+
+    async def source_quit(self, timeout: float = 600) -> None:
+        """Wait until the source QEMU has quit (its QMP socket answers no more)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                _, writer = await asyncio.open_unix_connection(str(self.serve_qmp))
+            except OSError:
+                return
+            writer.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the source QEMU still answers on {self.serve_qmp} after {timeout} s")
+            await asyncio.sleep(0.5)
 
     async def missing_pages(self) -> int:
         """Pages of the instance not present yet, from ``umemd list`` in the VM."""

@@ -21,12 +21,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from umemd.destination import Puller, open_instance
+from umemd.destination import Puller, PullState, open_instance
 from umemd.device import CONTROL_PATH, Control, NodeOwner, node_path, read_counters
-from umemd.errors import ModuleNotLoadedError, UmemError
+from umemd.errors import MigrationAbortedError, ModuleNotLoadedError, UmemError
 from umemd.priority import short_gil_slices
 from umemd.protocol import MIGRATION_ID_SIZE, Role
 from umemd.ramfile import RamFile
+from umemd.session import SourceEvent, SourceGate
 from umemd.source import PREPAGE, PageServer
 from umemd.stats import PullStats
 from umemd.status import StatusServer
@@ -188,16 +189,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     short_gil_slices()
     ram = RamFile(args.ramfile)
     stop = threading.Event()
-    released = threading.Event()
-    if args.qmp:
-        from umemd.qmpwatch import release_when_stopped
-
-        release_when_stopped(args.qmp, released)
-    else:
-        released.set()
+    gate = SourceGate(lambda phase, reason: server.on_phase(phase, reason))
     dialer = dialer_for(args, Role.SOURCE, stop)
-    server = PageServer(ram, dialer, released, prepage=args.prepage,
+    server = PageServer(ram, dialer, gate, prepage=args.prepage,
                         push_rate=args.max_push_rate * 2**20 if args.max_push_rate else None)
+    if args.guest_stopped_for_good:
+        gate.handle(SourceEvent.OPERATOR_STOPPED)
+    else:
+        from umemd.qmpwatch import watch_source
+
+        watch_source(args.qmp, gate)
     try:
         status = server.run()
     finally:
@@ -216,7 +217,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from umemd.migrate import MigrateOptions, QmpAddress, migrate, summary, terminal_progress, write_plot
     incoming = args.incoming or "tcp:0.0.0.0:" + args.uri.rpartition(":")[2]
     opts = MigrateOptions(QmpAddress(args.src_qmp), QmpAddress(args.dst_qmp), args.dst_status, args.uri, incoming,
-                          ready_timeout=args.ready_timeout, timeout=args.timeout,
+                          ready_timeout=args.ready_timeout, release_timeout=args.release_timeout,
+                          timeout=args.timeout, keep_source=args.keep_source,
                           progress=None if args.quiet else terminal_progress())
     report = asyncio.run(migrate(opts))
     if opts.progress and sys.stderr.isatty():
@@ -254,10 +256,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
         progress.start()
         if status:
             status.start()
-        state = "failed"
+        state = PullState.FAILED
         try:
             puller.run()
-            state = "complete"
+            state = PullState.COMPLETE
+        except MigrationAbortedError:
+            state = PullState.ABORTED
+            raise
         finally:
             progress.stop()
             stop.set()
@@ -274,12 +279,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def status_line(puller: Puller, state: str, present: int | None = None) -> dict[str, object]:
+def status_line(puller: Puller, state: PullState, present: int | None = None) -> dict[str, object]:
     """One line of the status endpoint (umemd.status)."""
     if present is None:
         present = puller.present()
     return {"time": time.time(), "name": puller.server.name, "node": str(node_path(puller.server.name)),
-            "migration_id": puller.server.tag.hex(), "state": state, **puller.stats.report(present)}
+            "migration_id": puller.server.tag.hex(), "state": state.value, "source_released": puller.source_released,
+            **puller.stats.report(present)}
 
 
 class Progress(threading.Thread):
@@ -371,9 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "every page; survives the destination reconnecting or restarting.")
     p.add_argument("ramfile", type=Path, metavar="RAMFILE", help="the guest RAM file")
     add_link_options(p)
-    p.add_argument("--qmp", type=Path, metavar="SOCKET",
-                   help="the source QEMU's QMP socket: send no page until it reports the guest stopped "
-                   "(with x-ignore-shared a page read earlier may be stale)")
+    gate = p.add_mutually_exclusive_group(required=True)
+    gate.add_argument("--qmp", type=Path, metavar="SOCKET",
+                      help="the source QEMU's QMP socket (a monitor of its own): read no page until its migration "
+                      "reaches pre-switchover (umemd migrate turns pause-before-switchover on); abort, exit 1 and "
+                      "tell the destination if the guest runs again, the migration is cancelled or fails, or "
+                      "the socket is lost before that")
+    gate.add_argument("--guest-stopped-for-good", action="store_true",
+                      help="serve at once without QMP: you state that the source guest is stopped and will never "
+                      "run again (its QEMU has quit, or RAMFILE is a copy)")
     p.add_argument("--prepage", type=int, default=PREPAGE, metavar="N",
                    help=f"pages sent with each demanded page, that page first (default {PREPAGE})")
     p.add_argument("--max-push-rate", type=float, metavar="MIB/S",
@@ -385,9 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Migrate a running guest to a destination QEMU whose RAM is a umem instance. "
                        "Checks that `umemd pull` answers on --dst-status and that the destination QEMU (started "
                        "with -postcopy -incoming defer) maps that instance; turns x-ignore-shared on on both "
-                       "sides if -postcopy did not; then migrate-incoming, migrate, and follows the pull to the "
-                       "last page. Start `umemd serve RAMFILE --qmp SOCKET` on the source first: it sends no "
-                       "page before the source guest stops. Prints STOP->RESUME, the time until the last page, "
+                       "sides if -postcopy did not, and pause-before-switchover on the source; then "
+                       "migrate-incoming and migrate. The source stops its guest and waits in pre-switchover; "
+                       "`umemd serve RAMFILE --qmp SOCKET` (start it on the source first) releases its pages "
+                       "there, and only once the pull confirms that does migrate-continue follow. After the "
+                       "destination's RESUME the source QEMU is quit (it must never run again) unless "
+                       "--keep-source; anything that fails before that RESUME cancels the migration, the source "
+                       "guest runs on and the pull refuses its instance. Follows the pull to the last page. "
+                       "Prints STOP->RESUME, the time until the last page, "
                        "pages demanded/pushed/hinted, bytes and fault latency. Starts nothing itself; exits 0 "
                        "once every page is present.")
     p.add_argument("--src-qmp", required=True, metavar="SOCKET",
@@ -404,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "--uri's port)")
     p.add_argument("--ready-timeout", type=float, default=30, metavar="SECONDS",
                    help="how long to wait for umemd pull's status endpoint to answer (default 30)")
+    p.add_argument("--release-timeout", type=float, default=120, metavar="SECONDS",
+                   help="how long, after the source reaches pre-switchover, to wait for umemd serve to release "
+                   "its pages (seen in the pull's status) before cancelling the migration (default 120)")
+    p.add_argument("--keep-source", action="store_true",
+                   help="leave the source QEMU paused after the destination guest resumes, for an orchestrator "
+                   "to quit (default: quit it: it must never run again; umemd serve aborts if it does)")
     p.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
                    help="give up if the last page is not present this long after migrate (default 3600)")
     p.add_argument("--report", type=Path, metavar="FILE.json",

@@ -10,12 +10,22 @@ Holds the server fd of one umem instance and makes every page present:
 Either link may drop: the thread gets a new one (reconnecting with backoff,
 or waiting for the source to connect again), and asks again for every fault
 not served yet. When every page is present it sends COMPLETE, destroys the
-instance's node (the memory stays with QEMU's mapping) and returns.
+instance's node (the memory stays with QEMU's mapping) and returns. Pages
+are taken only after the source said RELEASED on that link (the codec
+refuses them before). An ERROR ABORTED from the source ends the pull with
+MigrationAbortedError: the instance is left for the operator to destroy,
+never completed.
+
+Threads: ``umemd-demand`` and ``umemd-push`` (each owns its link), the main
+thread (checks for the last page), the status and progress threads (read
+only). ``_lock`` guards ``_inflight`` and the counters both channel threads
+add to (``stats``: pages, zero hints, skipped, bytes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import itertools
 import logging
 import selectors
@@ -25,7 +35,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from umemd.device import Control, NodeOwner, Server
-from umemd.errors import ConnectError, InstanceExistsError, MigrationMismatchError, ProtocolError, UmemError
+from umemd.errors import (
+    ConnectError,
+    InstanceExistsError,
+    MigrationAbortedError,
+    MigrationMismatchError,
+    ProtocolError,
+    UmemError,
+)
 from umemd.priority import favour_this_thread
 from umemd.protocol import (
     MAX_HAVE_PAGES,
@@ -37,6 +54,7 @@ from umemd.protocol import (
     ErrorCode,
     Info,
     PeerError,
+    Released,
     Zero,
 )
 from umemd.protocol import Pages as PagesEvent
@@ -52,6 +70,16 @@ class SizeMismatchError(UmemError):
     """The source's RAM and the instance differ in size."""
 
 
+class PullState(enum.Enum):
+    """The pull's state, as the status endpoint and umemd migrate see it."""
+
+    READY = "ready"  # the instance exists and faults are collected; no source yet
+    PULLING = "pulling"  # a source is connected
+    COMPLETE = "complete"  # every page is present; the node is destroyed
+    FAILED = "failed"  # the pull ended with an error
+    ABORTED = "aborted"  # the source aborted the migration: this instance must not be used
+
+
 class Puller:
     """Pulls every page of one instance from its source."""
 
@@ -65,7 +93,8 @@ class Puller:
         self._inflight: dict[int, float] = {}  # page offset -> when its fault was read
         self._lock = threading.Lock()
         self._push_done = threading.Event()  # the source said DONE on the push channel
-        self.state = "ready"  # then "pulling" once a source is connected (the status endpoint's states)
+        self.state = PullState.READY
+        self.source_released = False  # a link said RELEASED: the source guest is stopped for good
 
     def run(self) -> None:
         """Pull until every page is present, then destroy the node."""
@@ -113,8 +142,10 @@ class Puller:
                             raise SizeMismatchError(
                                 f"the source serves {event.ram_size} bytes but instance {self.server.name!r} "
                                 f"has {self.server.size}: point umemd serve at this guest's RAM file")
-                        self.state = "pulling"
+                        self.state = PullState.PULLING
                         return link
+                    if isinstance(event, PeerError):
+                        self._check_abort(event)
                     break
             except (ProtocolError, OSError) as e:
                 log.warning("%s channel: %s", channel.name.lower(), e)
@@ -192,31 +223,46 @@ class Puller:
         """Fill what arrived; False when the link closed."""
         before = link.bytes_in
         events = link.receive()
-        self.stats.bytes_received += link.bytes_in - before
+        with self._lock:
+            self.stats.bytes_received += link.bytes_in - before
         for event in events:
             if isinstance(event, PagesEvent | Zero):
                 self._fill(event, demand=link.channel is Channel.DEMAND)
             elif isinstance(event, Done):
                 self._push_done.set()
                 log.info("the source has pushed every page (%d as data, %d as zero hints)", event.pages, event.zeros)
+            elif isinstance(event, Released):
+                if not self.source_released:
+                    log.info("the source guest is stopped for good: pages follow")
+                self.source_released = True
             elif isinstance(event, PeerError):
+                self._check_abort(event)
                 log.error("%s channel: the source says: %s", link.channel.name.lower(), event.reason)
                 return False
             elif isinstance(event, Closed):
                 return False
         return True
 
+    def _check_abort(self, event: PeerError) -> None:
+        if event.code == ErrorCode.ABORTED:
+            self.state = PullState.ABORTED
+            raise MigrationAbortedError(
+                f"{event.reason}. Instance {self.server.name!r} must not be used: the source guest may have run on; "
+                f"remove it (umemd destroy {self.server.name}) and retry with a new --migration-id")
+
     def _fill(self, event: PagesEvent | Zero, *, demand: bool) -> None:
         if isinstance(event, PagesEvent):
             result = self.server.fill([(event.offset, event.data)])
         else:
             result = self.server.zero(event.offset, event.count * PAGE_SIZE)
-            self.stats.zero_pages += result.done
-        if demand:
-            self.stats.demand_pages += result.done
-        else:
-            self.stats.pushed_pages += result.done
-        self.stats.skipped_pages += result.skipped
+        with self._lock:  # both channel threads count here
+            if isinstance(event, Zero):
+                self.stats.zero_pages += result.done
+            if demand:
+                self.stats.demand_pages += result.done
+            else:
+                self.stats.pushed_pages += result.done
+            self.stats.skipped_pages += result.skipped
         self._served(event.offset, event.count)
 
     def _served(self, offset: int, count: int) -> None:

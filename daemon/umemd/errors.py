@@ -14,6 +14,7 @@ Every error umemd raises derives from :class:`UmemError`. The tree::
      |    +-- RemoteProtocolError    by the peer: that connection is closed
      |         +-- MigrationMismatchError  the peer belongs to another migration
      +-- ConnectError            a connection could not be made (OSError kept as cause)
+     +-- MigrationAbortedError   the migration was aborted: no page may be served or used
 
 Messages name the thing that failed and, where there is one, the fix.
 """
@@ -74,6 +75,11 @@ class RemoteProtocolError(ProtocolError):
 
 class MigrationMismatchError(RemoteProtocolError):
     """The peer (or the instance) belongs to another migration: a stale daemon."""
+
+
+class MigrationAbortedError(UmemError):
+    """The migration is off (the source guest ran again, it was cancelled or
+    failed, or the source's QMP was lost before the release)."""
 
 
 class ConnectError(UmemError):

@@ -10,10 +10,18 @@ starts nothing itself. The order (BRIEF §4, docs/operations.md):
    defer``);
 2. ``x-ignore-shared`` on both sides (``-postcopy`` sets it; set here when it
    is not), ``postcopy-ram`` off: guest RAM is not on the migration stream;
-3. ``migrate-incoming`` on the destination, then ``migrate`` on the source;
-   the page server (``umemd serve --qmp``) releases its pages at the
-   source's STOP;
-4. both QEMUs ``completed``, then the pull's last page.
+3. ``pause-before-switchover`` on the source; ``migrate-incoming`` on the
+   destination, then ``migrate`` on the source, which stops its guest for
+   good and waits in ``pre-switchover``: there the page server (``umemd
+   serve --qmp``) releases its pages and says RELEASED to the pull;
+4. only once the pull's status confirms the release, ``migrate-continue``;
+   both QEMUs ``completed``, the destination's RESUME, then ``quit`` on the
+   source QEMU (unless ``--keep-source``: it must never run again, or its
+   guest and the destination's would diverge), then the pull's last page.
+
+Anything that goes wrong before the destination's RESUME cancels the
+migration (``migrate_cancel``): the source guest runs on, the page server
+aborts, and the pull refuses the instance.
 
 STOP→RESUME is measured between the arrivals of the source's ``STOP`` and the
 destination's ``RESUME`` events here (one clock, whatever the two hosts'
@@ -75,7 +83,9 @@ class MigrateOptions:
     uri: str            # the destination's migration address, as the source reaches it
     incoming: str       # the address the destination listens on (migrate-incoming)
     ready_timeout: float = 30.0
+    release_timeout: float = 120.0
     timeout: float = 3600.0
+    keep_source: bool = False
     progress: Callable[[str], None] | None = None
 
 
@@ -134,21 +144,21 @@ async def check_destination_maps(dst: QMPClient, node: str) -> None:
                              f"memory-backend-file,mem-path={node},share=on,postcopy-device=on")
 
 
-async def ensure_capabilities(qmp: QMPClient, side: str) -> None:
+async def ensure_capabilities(qmp: QMPClient, side: str, *extra: str) -> None:
     caps = {c["capability"]: c["state"] for c in await qmp_call(qmp, "query-migrate-capabilities")}
     if caps.get("postcopy-ram"):
         raise MigrationError(f"the {side} QEMU has postcopy-ram on: umem moves RAM outside QEMU; turn it off "
                              f"(migrate-set-capabilities) or start QEMU with -postcopy and nothing else")
-    wanted = [{"capability": c, "state": True} for c in ("x-ignore-shared", "events") if not caps.get(c)]
+    wanted = [{"capability": c, "state": True} for c in ("x-ignore-shared", "events", *extra) if not caps.get(c)]
     if wanted:
         await qmp.execute("migrate-set-capabilities", {"capabilities": wanted})
 
 
-async def wait_completed(qmp: QMPClient, side: str, deadline: float) -> dict[str, Any]:
+async def wait_completed(qmp: QMPClient, side: str, deadline: float, until: str = "completed") -> dict[str, Any]:
     while True:
         info: dict[str, Any] = await qmp_call(qmp, "query-migrate")
         status = info.get("status", "none")
-        if status == "completed":
+        if status == until:
             return info
         if status in ("failed", "cancelled"):
             raise MigrationError(f"the {side} QEMU reports the migration {status}: "
@@ -200,7 +210,7 @@ async def _run(opts: MigrateOptions, src: QMPClient, dst: QMPClient, ready: dict
         raise MigrationError(f"the destination QEMU is {dst_state!r}, not waiting for a migration: "
                              f"start it with -incoming defer")
     await check_destination_maps(dst, ready["node"])
-    await ensure_capabilities(src, "source")
+    await ensure_capabilities(src, "source", "pause-before-switchover")
     await ensure_capabilities(dst, "destination")
     say = opts.progress or (lambda line: None)
 
@@ -218,10 +228,14 @@ async def _run(opts: MigrateOptions, src: QMPClient, dst: QMPClient, ready: dict
 
     pulled = asyncio.create_task(read_status(opts.dst_status, on_status, deadline=deadline))
     try:
-        src_info = await wait_completed(src, "source", deadline)
-        timeline.marks["source completed"] = time.monotonic() - started
-        dst_info = await wait_completed(dst, "destination", deadline)
-        timeline.marks["destination completed"] = time.monotonic() - started
+        try:
+            src_info, dst_info = await _switch_over(opts, src, dst, dst_events, timeline, started, deadline)
+        except BaseException:
+            await _cancel(src, dst_events)
+            raise
+        if not opts.keep_source:
+            await _quit_source(src)
+            timeline.marks["source quit"] = time.monotonic() - started
         last = await pulled
     finally:
         pulled.cancel()
@@ -267,6 +281,50 @@ def build_report(ready: dict[str, Any], last: dict[str, Any], src_info: dict[str
         "fault_latency_us": last["fault_latency_us"],
         "timeline": {"marks": {k: round(v, 3) for k, v in timeline.marks.items()}, "samples": timeline.samples},
     }
+
+
+async def _switch_over(opts: MigrateOptions, src: QMPClient, dst: QMPClient, dst_events: EventClock,
+                      timeline: Timeline, started: float, deadline: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """From ``migrate`` to the destination's RESUME: the source stops at pre-switchover, the
+    page server releases, the pull confirms, then migrate-continue."""
+    await wait_completed(src, "source", deadline, until="pre-switchover")
+    timeline.marks["source pre-switchover"] = time.monotonic() - started
+    try:
+        await first_status(opts.dst_status, opts.release_timeout, lambda doc: bool(doc.get("source_released")))
+    except ConnectError as e:
+        raise MigrationError(f"{e}: the page server did not release the source's pages within "
+                             f"{opts.release_timeout:.0f} s of pre-switchover; is `umemd serve --qmp` watching "
+                             "this source QEMU? (migration cancelled)") from e
+    timeline.marks["release confirmed"] = time.monotonic() - started
+    await src.execute("migrate-continue", {"state": "pre-switchover"})
+    src_info = await wait_completed(src, "source", deadline)
+    timeline.marks["source completed"] = time.monotonic() - started
+    dst_info = await wait_completed(dst, "destination", deadline)
+    timeline.marks["destination completed"] = time.monotonic() - started
+    while "RESUME" not in dst_events.arrived:
+        if (await qmp_call(dst, "query-status"))["running"]:
+            break
+        if time.monotonic() > deadline:
+            raise MigrationError("the destination guest did not resume by the deadline")
+        await asyncio.sleep(POLL)
+    return src_info, dst_info
+
+
+async def _cancel(src: QMPClient, dst_events: EventClock) -> None:
+    """Before the destination's RESUME the source guest is the one to keep: cancel, so it runs on
+    (the page server then aborts and the pull refuses its instance)."""
+    if "RESUME" in dst_events.arrived:
+        return
+    with contextlib.suppress(Exception):
+        await src.execute("migrate_cancel")
+        log.error("migration cancelled: the source guest runs on")
+
+
+async def _quit_source(src: QMPClient) -> None:
+    """The destination guest runs: the source must never run again."""
+    with contextlib.suppress(Exception):
+        await src.execute("quit")
+    log.info("the destination guest runs; the source QEMU has quit (its RAM file keeps the pages)")
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -364,7 +422,8 @@ async def read_status(endpoint: Endpoint, on_line: Callable[[dict[str, Any]], No
                       deadline: float) -> dict[str, Any]:
     """Follow a pull daemon's status until it says ``complete`` or ``failed``, calling
     ``on_line`` with every line; returns the last one."""
-    return await follow_status(endpoint, lambda doc: doc.get("state") in ("complete", "failed"), deadline, on_line)
+    return await follow_status(endpoint, lambda doc: doc.get("state") in ("complete", "failed", "aborted"), deadline,
+                               on_line)
 
 
 async def first_status(endpoint: Endpoint, timeout: float,

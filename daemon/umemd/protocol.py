@@ -88,6 +88,7 @@ class FrameType(enum.IntEnum):
     DONE = 8
     ERROR = 9
     COMPLETE = 10
+    RELEASED = 11
 
 
 class ErrorCode(enum.IntEnum):
@@ -98,12 +99,14 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 5
     SHUTDOWN = 6
     MIGRATION = 7
+    ABORTED = 8
 
 
 class State(enum.Enum):
     HELLO = "waiting for the peer's HELLO"
     AUTH = "waiting for the peer's AUTH"
     READY = "ready"
+    RELEASED = "released"  # the source said RELEASED: pages may flow
     CLOSED = "closed"
     ERROR = "error"
 
@@ -120,26 +123,35 @@ MAX_PAYLOAD = {
     FrameType.DONE: DONE.size,
     FrameType.ERROR: ERROR.size + MAX_REASON,
     FrameType.COMPLETE: 0,
+    FrameType.RELEASED: 0,
 }
 MAX_FRAME = HEADER.size + max(MAX_PAYLOAD.values())
 
 # (state, frame received) -> next state. ERROR from the peer closes in any state.
+# READY -> RELEASED when the source's RELEASED is received (destination) or
+# sent (source, see send_released): no page, ZERO hint or DONE is sent or
+# accepted before it, so a page can never be taken before the release.
+_BEFORE_RELEASE = (FrameType.INFO, FrameType.REQUEST, FrameType.HAVE, FrameType.COMPLETE)
+_PAGE_FRAMES = (FrameType.PAGES, FrameType.ZERO, FrameType.DONE)
 TRANSITIONS: dict[tuple[State, FrameType], State] = {
     (State.HELLO, FrameType.HELLO): State.AUTH,
     (State.AUTH, FrameType.AUTH): State.READY,
-    **{(s, FrameType.ERROR): State.CLOSED for s in (State.HELLO, State.AUTH, State.READY)},
-    **{(State.READY, t): State.READY for t in (FrameType.INFO, FrameType.REQUEST, FrameType.PAGES,
-                                                FrameType.ZERO, FrameType.HAVE, FrameType.DONE,
-                                                FrameType.COMPLETE)},
+    **{(s, FrameType.ERROR): State.CLOSED for s in (State.HELLO, State.AUTH, State.READY, State.RELEASED)},
+    **{(State.READY, t): State.READY for t in _BEFORE_RELEASE},
+    (State.READY, FrameType.RELEASED): State.RELEASED,
+    **{(State.RELEASED, t): State.RELEASED for t in (*_BEFORE_RELEASE, *_PAGE_FRAMES)},
 }
+LIVE = (State.READY, State.RELEASED)
 
 # What each side may receive in READY, by (our role, channel).
 ACCEPTS: dict[tuple[Role, Channel], frozenset[FrameType]] = {
     (Role.SOURCE, Channel.DEMAND): frozenset({FrameType.REQUEST, FrameType.ERROR}),
     (Role.SOURCE, Channel.PUSH): frozenset({FrameType.HAVE, FrameType.COMPLETE, FrameType.ERROR}),
-    (Role.DESTINATION, Channel.DEMAND): frozenset({FrameType.INFO, FrameType.PAGES, FrameType.ZERO, FrameType.ERROR}),
+    (Role.DESTINATION, Channel.DEMAND): frozenset(
+        {FrameType.INFO, FrameType.RELEASED, FrameType.PAGES, FrameType.ZERO, FrameType.ERROR}
+    ),
     (Role.DESTINATION, Channel.PUSH): frozenset(
-        {FrameType.INFO, FrameType.PAGES, FrameType.ZERO, FrameType.DONE, FrameType.ERROR}
+        {FrameType.INFO, FrameType.RELEASED, FrameType.PAGES, FrameType.ZERO, FrameType.DONE, FrameType.ERROR}
     ),
 }
 
@@ -208,6 +220,11 @@ class Complete:
 
 
 @dataclass(frozen=True)
+class Released:
+    """The source guest is stopped for the switch-over for good: pages follow."""
+
+
+@dataclass(frozen=True)
 class PeerError:
     code: int
     reason: str
@@ -218,7 +235,7 @@ class Closed:
     """The peer closed the connection (end of file)."""
 
 
-Event = Authenticated | Info | Request | Pages | Zero | Have | Done | Complete | PeerError | Closed
+Event = Authenticated | Info | Released | Request | Pages | Zero | Have | Done | Complete | PeerError | Closed
 
 
 def auth_tag(key: bytes, sender: Role, channel: Channel, sender_nonce: bytes, receiver_nonce: bytes,
@@ -326,9 +343,10 @@ class Connection:
 
     def _transition(self, kind: FrameType) -> State:
         next_state = TRANSITIONS.get((self.state, kind))
-        if next_state is None or (self.state is State.READY and kind not in ACCEPTS[self.role, self.channel]):
+        if next_state is None or (self.state in LIVE and kind not in ACCEPTS[self.role, self.channel]):
+            before = " (before the source's RELEASED)" if kind in _PAGE_FRAMES and self.state is State.READY else ""
             self._fail(f"{kind.name} is not allowed from a {self.peer_role.name.lower()} "
-                       f"on the {self.channel.name.lower()} channel while {self.state.value}")
+                       f"on the {self.channel.name.lower()} channel while {self.state.value}{before}")
         return next_state
 
     def _fail(self, reason: str) -> NoReturn:
@@ -359,6 +377,8 @@ class Connection:
             return self._on_have(payload)
         if kind is FrameType.COMPLETE:
             return Complete()
+        if kind is FrameType.RELEASED:
+            return Released()
         pages, zeros = self._unpack(DONE, payload, kind)
         return Done(pages, zeros)
 
@@ -463,8 +483,10 @@ class Connection:
         return out
 
     def _require_ready(self, kind: FrameType) -> None:
-        if self.state is not State.READY:
+        if self.state not in LIVE:
             raise LocalProtocolError(f"cannot send {kind.name} while {self.state.value}")
+        if kind in _PAGE_FRAMES and self.state is not State.RELEASED:
+            raise LocalProtocolError(f"cannot send {kind.name} before RELEASED")
         if kind not in ACCEPTS[self.peer_role, self.channel]:
             raise LocalProtocolError(f"a {self.role.name.lower()} does not send {kind.name} "
                                      f"on the {self.channel.name.lower()} channel")
@@ -503,6 +525,13 @@ class Connection:
     def send_done(self, pages: int, zeros: int) -> bytes:
         self._require_ready(FrameType.DONE)
         return frame(FrameType.DONE, DONE.pack(pages, zeros))
+
+    def send_released(self) -> bytes:
+        """The source guest is stopped for good (the release): pages may follow."""
+        self._require_ready(FrameType.RELEASED)
+        if self.state is State.READY:
+            self.state = State.RELEASED
+        return frame(FrameType.RELEASED)
 
     def send_complete(self) -> bytes:
         self._require_ready(FrameType.COMPLETE)

@@ -1,53 +1,111 @@
-"""Hold the page server until the source guest is stopped, watching QMP.
+"""Feed the source's release gate (umemd.session) from the source QEMU's QMP.
 
-With x-ignore-shared the source guest keeps running (and writing its RAM
-file) until switch-over; a page served before it stops may be stale.
+A driver: it only turns what QEMU says into :class:`SourceEvent`\\ s; the
+rules are in umemd.session. It listens for STOP, RESUME, SHUTDOWN and
+MIGRATION events and polls ``query-migrate`` (MIGRATION events need the
+``events`` capability, which umemd migrate sets; the poll catches the rest,
+and ``pre-switchover`` lasts until ``migrate-continue``, so it is never
+missed). A migration status that was already there when serve started
+(the ``cancelled`` of an earlier attempt) is not an event of this one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 
+from umemd.session import SourceEvent, SourceGate
+
 log = logging.getLogger(__name__)
 
+POLL = 0.2  # seconds between query-migrate polls
 
-def release_when_stopped(socket_path: Path, released: threading.Event) -> threading.Thread:
-    """Start a thread that sets ``released`` once the guest behind ``socket_path`` stops."""
-    thread = threading.Thread(target=lambda: asyncio.run(_watch(socket_path, released)), name="umemd-qmp",
-                              daemon=True)
+# query-migrate statuses of a migration in progress
+IN_PROGRESS = frozenset({"setup", "active", "device", "wait-unplug", "pre-switchover", "cancelling",
+                         "postcopy-active", "postcopy-paused", "postcopy-recover", "postcopy-recover-setup",
+                         "colo"})
+STATUS_EVENTS = {"pre-switchover": SourceEvent.PRE_SWITCHOVER, "completed": SourceEvent.COMPLETED,
+                 "failed": SourceEvent.MIGRATION_FAILED, "cancelled": SourceEvent.MIGRATION_CANCELLED}
+RUN_EVENTS = {"STOP": SourceEvent.STOPPED, "RESUME": SourceEvent.RESUMED, "SHUTDOWN": SourceEvent.QEMU_QUIT}
+
+
+def watch_source(socket_path: Path, gate: SourceGate) -> threading.Thread:
+    """Start a thread that moves ``gate`` by what the QEMU behind ``socket_path`` does."""
+    thread = threading.Thread(target=lambda: asyncio.run(_watch(socket_path, gate)), name="umemd-qmp", daemon=True)
     thread.start()
     return thread
 
 
-async def _watch(socket_path: Path, released: threading.Event) -> None:
+class _MigrationStatus:
+    """Turns query-migrate statuses (polled or from MIGRATION events) into events, once each."""
+
+    def __init__(self, gate: SourceGate) -> None:
+        self.gate = gate
+        self.last = ""
+        self.in_progress_seen = False
+
+    def start(self, status: str, running: bool) -> None:
+        """The status found at connect time."""
+        self.last = status
+        if status in IN_PROGRESS:
+            self.in_progress_seen = True
+        if status == "pre-switchover" or (status == "completed" and not running):
+            self.gate.handle(STATUS_EVENTS[status], f"found {status} at start-up")
+
+    def update(self, status: str) -> None:
+        if status == self.last:
+            return
+        self.last = status
+        if status in IN_PROGRESS:
+            self.in_progress_seen = True
+        event = STATUS_EVENTS.get(status)
+        if event is not None and (self.in_progress_seen or event is SourceEvent.PRE_SWITCHOVER):
+            self.gate.handle(event, status)
+
+
+async def _watch(socket_path: Path, gate: SourceGate) -> None:
     client = QMPClient("umemd-serve")
     try:
         await client.connect(str(socket_path))
     except (QMPError, OSError) as e:
-        log.warning("cannot reach the source QEMU's QMP at %s (%s): it is gone, so its RAM file is final",
-                    socket_path, e)
-        released.set()
+        gate.handle(SourceEvent.QMP_LOST, f"cannot reach {socket_path} ({e}): pass the source QEMU's second QMP "
+                    "monitor, or --guest-stopped-for-good if it has quit")
         return
-    listener = EventListener(("STOP", "SHUTDOWN"))
+    listener = EventListener(("STOP", "RESUME", "SHUTDOWN", "MIGRATION"))
     client.register_listener(listener)
+    migration = _MigrationStatus(gate)
     try:
-        status = await client.execute("query-status")
-        assert isinstance(status, dict)
-        if status["running"]:
-            log.info("holding every page until the source guest stops (QMP %s)", socket_path)
-            event = await listener.get()
-            log.info("source guest stopped (%s): serving pages", event["event"])
-        else:
-            log.info("source guest is %s: serving pages", status["status"])
+        running = bool((await _call(client, "query-status"))["running"])
+        migration.start(str((await _call(client, "query-migrate")).get("status", "none")), running)
+        log.info("source QEMU at %s: guest %s, migration %s; %s", socket_path,
+                 "running" if running else "paused", migration.last, gate.phase.value)
+        while not gate.aborted:
+            with contextlib.suppress(TimeoutError):
+                _on_event(await asyncio.wait_for(listener.get(), POLL), gate, migration)
+                continue
+            migration.update(str((await _call(client, "query-migrate")).get("status", "none")))
     except (QMPError, OSError, EOFError) as e:
-        log.warning("lost the source QEMU's QMP (%s): serving pages", e)
+        gate.handle(SourceEvent.QMP_LOST, str(e) or type(e).__name__)
     finally:
-        released.set()
         client.remove_listener(listener)
-        await client.disconnect()
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+
+
+def _on_event(event: Any, gate: SourceGate, migration: _MigrationStatus) -> None:
+    name = str(event["event"])
+    if name == "MIGRATION":
+        migration.update(str(event["data"]["status"]))
+    else:
+        gate.handle(RUN_EVENTS[name], name)
+
+
+async def _call(client: QMPClient, command: str) -> Any:
+    return await client.execute(command)

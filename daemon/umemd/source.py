@@ -4,9 +4,18 @@ Serves the RAM file of the stopped source guest to one destination over
 two channels: demand (each requested page first, then a few pages after
 it) and push (every other page: the pages after recent faults first, then
 the rest in order; holes and all-zero chunks as ZERO hints). Nothing is
-read from the RAM file, not even its holes, before :attr:`PageServer.released`
-is set: with x-ignore-shared the source guest runs until switch-over, so a
-page (or a hole) read earlier may be stale.
+read from the RAM file, not even its holes, before the release
+(umemd.session: the source QEMU at pre-switchover), and every link says
+RELEASED before its first page; with x-ignore-shared the source guest runs
+until the switch-over, so a page (or a hole) read earlier may be stale. An
+abort (the source guest runs again, the migration is cancelled or fails)
+sends ERROR ABORTED on every link and ends the server with an error.
+
+Threads: one per channel (``umemd-demand``, ``umemd-push``, each owning its
+link) and the QMP watcher (umemd.qmpwatch), which moves the gate. ``_lock``
+guards ``_sent``, ``_hot``, the extents and ``_links``; the stats counters are
+each written by one channel thread only (demand_* by demand, pushed_pages
+by push; zero_pages and bytes_sent by both, under ``_lock``).
 """
 
 from __future__ import annotations
@@ -19,7 +28,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from umemd.errors import ConnectError, MigrationMismatchError, ProtocolError, RemoteProtocolError, UmemError
+from umemd.errors import (
+    ConnectError,
+    MigrationAbortedError,
+    MigrationMismatchError,
+    ProtocolError,
+    RemoteProtocolError,
+    UmemError,
+)
 from umemd.priority import favour_this_thread
 from umemd.protocol import (
     MAX_RUN_PAGES,
@@ -31,8 +47,10 @@ from umemd.protocol import (
     Have,
     PeerError,
     Request,
+    State,
 )
 from umemd.ramfile import PAGE_SIZE, RamFile
+from umemd.session import SourceGate, SourcePhase
 from umemd.transport import Dialer, Link
 
 log = logging.getLogger(__name__)
@@ -56,12 +74,12 @@ class SourceStats:
 class PageServer:
     """Serves one RAM file to one destination until it reports COMPLETE."""
 
-    def __init__(self, ram: RamFile, dialer: Dialer, released: threading.Event, *, prepage: int = PREPAGE,
+    def __init__(self, ram: RamFile, dialer: Dialer, gate: SourceGate, *, prepage: int = PREPAGE,
                  push_rate: float | None = None) -> None:
         self.ram = ram
         self.push_rate = push_rate  # bytes per second, None: as fast as the link goes
         self.dialer = dialer
-        self.released = released
+        self.gate = gate
         self.prepage = prepage
         self.stats = SourceStats()
         self.complete = threading.Event()  # the destination has every page
@@ -71,7 +89,26 @@ class PageServer:
         self._extent_starts: list[int] = []
         self._hot: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)  # (next page, limit)
         self._sent = bytearray(ram.pages)  # this push session: 1 = present or sent
+        self._links: set[Link] = set()  # the links open now, to tell of an abort
         self._lock = threading.Lock()
+
+    def on_phase(self, phase: SourcePhase, reason: str) -> None:
+        """The gate's callback (on the QMP watcher's thread)."""
+        if phase is SourcePhase.RELEASED:
+            log.info("released: %s; serving pages", reason)
+        elif phase is SourcePhase.ABORTED:
+            self._abort(reason)
+
+    def _abort(self, reason: str) -> None:
+        log.error("migration aborted: %s; serving nothing more", reason)
+        with self._lock:
+            links = list(self._links)
+        for link in links:
+            with contextlib.suppress(OSError):
+                link.send(link.conn.error_frame(ErrorCode.ABORTED, f"the source aborted the migration: {reason}"))
+            link.shutdown()
+        self._give_up(MigrationAbortedError(f"the migration was aborted: {reason}; the destination refuses "
+                                            "this instance, and a retry needs a new --migration-id"))
 
     def run(self) -> int:
         """Serve until the destination has every page; 0 then."""
@@ -88,7 +125,7 @@ class PageServer:
 
     def _channel_loop(self, channel: Channel) -> None:
         serve = self._serve_demand if channel is Channel.DEMAND else self._serve_push
-        while not self.complete.is_set():
+        while not self._over.is_set():
             try:
                 link = self.dialer.link(channel)
             except MigrationMismatchError as e:
@@ -97,9 +134,16 @@ class PageServer:
             except ConnectError:
                 return
             self.stats.sessions[channel.name.lower()] += 1
+            with self._lock:
+                self._links.add(link)
             try:
+                if self.gate.aborted:
+                    self._abort(self.gate.reason)
+                    return
                 link.send(link.conn.send_info(self.ram.size))
                 serve(link)
+            except MigrationAbortedError:
+                return
             except ProtocolError as e:
                 log.error("%s channel from %s: %s; closing it", channel.name.lower(), link.peer, e)
                 with contextlib.suppress(OSError):
@@ -110,7 +154,17 @@ class PageServer:
                 log.exception("%s channel: unexpected error (a bug); dropping the connection",
                               channel.name.lower())
             finally:
+                with self._lock:
+                    self._links.discard(link)
                 link.close()
+
+    def _await_release(self, link: Link) -> None:
+        """Block until the release, then say RELEASED on ``link`` (once); raises on an abort."""
+        if link.conn.state is State.RELEASED:
+            return
+        if not self.gate.wait_released():
+            raise MigrationAbortedError(self.gate.reason)
+        link.send(link.conn.send_released())
 
     # ---- demand ---------------------------------------------------------------
 
@@ -118,7 +172,7 @@ class PageServer:
         favour_this_thread()
         for event in link.events():
             if isinstance(event, Request):
-                self.released.wait()
+                self._await_release(link)
                 self.stats.demand_requests += 1
                 for offset in event.offsets:
                     self._send_demand(link, offset // PAGE_SIZE)
@@ -160,7 +214,7 @@ class PageServer:
             self._sent = sent
         log.info("push channel: the destination has %d pages; pushing the other %d",
                  self.ram.pages - sent.count(0), sent.count(0))
-        self.released.wait()
+        self._await_release(link)
         pushed, end = self._push_all(link)
         self.stats.pushed_pages += pushed
         if end is None:
@@ -240,7 +294,8 @@ class PageServer:
                     data_pages += hi - lo
                 else:
                     link.send(link.conn.send_zero(lo * PAGE_SIZE, hi - lo))
-                    self.stats.zero_pages += hi - lo
+                    with self._lock:
+                        self.stats.zero_pages += hi - lo
         return data_pages
 
     def _send_pages(self, link: Link, lo: int, hi: int) -> None:
@@ -248,13 +303,15 @@ class PageServer:
             count = min(MAX_RUN_PAGES, hi - run)
             header = link.conn.send_pages_header(run * PAGE_SIZE, count)
             link.send(header, self.ram.view[run * PAGE_SIZE:(run + count) * PAGE_SIZE])
-            self.stats.bytes_sent += len(header) + count * PAGE_SIZE
+            with self._lock:
+                self.stats.bytes_sent += len(header) + count * PAGE_SIZE
 
     def _data_extents(self) -> list[tuple[int, int]]:
         """The RAM file's data extents, read at the first use after the release: until
         the guest stops it may write into what is a hole now."""
-        if not self.released.is_set():
-            raise UmemError("a page was about to be read before the release (a bug): refusing")
+        if not self.gate.released:
+            raise MigrationAbortedError(f"a page was about to be read while the source is {self.gate.phase.value}: "
+                                        "refusing")
         with self._lock:
             if self._extents is None:
                 self._extents = list(self.ram.data_extents())

@@ -82,9 +82,14 @@ class Link:
         self.channel = conn.channel
         self.bytes_in = 0
         self.pending: list[Event] = []  # events that arrived with the handshake's last bytes
+        self._send_lock = threading.Lock()  # frames from two threads (e.g. an abort) never interleave
 
     def send(self, *parts: bytes | memoryview) -> None:
-        """Send every part, in order (one sendmsg, then the rest if it was short)."""
+        """Send every part, in order, as one unit (no other thread's frame in between)."""
+        with self._send_lock:
+            self._send(parts)
+
+    def _send(self, parts: tuple[bytes | memoryview, ...]) -> None:
         if isinstance(self.sock, ssl.SSLSocket):  # no sendmsg over TLS
             for part in parts:
                 self.sock.sendall(part)
@@ -135,6 +140,11 @@ class Link:
             yield from self.receive()
             if self.conn.state.name in ("CLOSED", "ERROR"):
                 return
+
+    def shutdown(self) -> None:
+        """Wake the thread that reads this link (it sees end of file) without closing the fd under it."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -120,7 +120,8 @@ class Migration:
               key: Path | None = None, migration_id: str | None = None, source: Path | None = None) -> Umemd:
         d = Umemd(self.log_path("serve"), "serve", str(source or self.source), "--connect",
                   connect or f"127.0.0.1:{self.port}", "--key-file", str(key or self.key),
-                  "--migration-id", migration_id or self.migration_id, *extra, netns=netns)
+                  "--migration-id", migration_id or self.migration_id, "--guest-stopped-for-good", *extra,
+                  netns=netns)
         self.daemons.append(d)
         return d
 

@@ -31,6 +31,7 @@ def test_a_serve_of_another_migration_is_refused_while_the_right_one_completes(
     assert migration.present() == 0, "a page server of another migration filled the instance"
     assert stale.proc.returncode != 0, "a refused page server exited 0"
     assert migration.migration_id in stale.text() and "belongs to migration" in stale.text(), stale.text()
+    stale.killed = True  # ended, as it should: not one of the daemons finish() expects to exit 0
     guest = migration.guest("random", threads=2, touches=50)
     migration.serve()
     assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE

@@ -45,7 +45,8 @@ def test_page_server_killed_and_restarted(vm: Driver, guest: GuestImage, setting
         seen["status"] = await wait_partly_present(side)
         side.kill_serve()
         seen["pages missing"] = await side.missing_pages()
-        side.start_serve(*SLOW_PUSH)
+        await side.source_quit()  # umemd migrate quits it once the destination guest runs
+        side.start_serve(*SLOW_PUSH, stopped_for_good=True)  # the operator's word: it cannot run again
 
     result = vm.run(migrate_guest(vm.topo, guest, settings, workdir, serve_args=SLOW_PUSH,
                                   inject=kill_and_restart_serve))

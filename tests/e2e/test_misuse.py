@@ -75,7 +75,7 @@ def test_a_page_server_with_the_wrong_key_gets_nothing(vm: Driver, workdir: Path
         await side.start_pull()
         serve = subprocess.Popen([sys.executable, "-m", "umemd.cli", "serve", str(side.ram_file), "--connect",
                                   f"127.0.0.1:{vm.topo.host_port('umem-page')}", "--key-file", str(wrong),
-                                  "--migration-id", side.migration_id],
+                                  "--migration-id", side.migration_id, "--guest-stopped-for-good"],
                                  cwd=CHECKOUT, stderr=subprocess.PIPE, text=True)
         try:
             await asyncio.sleep(8)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,29 @@ def test_pull_refuses_a_bad_owner_or_mode_naming_it(argv: list[str], message: st
         cli.main(["pull", "vm1", "--size", "1M", "--listen", "127.0.0.1:1", "--key-file", "k", *argv])
     assert info.value.code == cli.EXIT_USAGE
     assert message in capsys.readouterr().err
+
+
+def test_serve_with_its_qmp_unreachable_serves_nothing_and_exits_1(tmp_path: Path) -> None:
+    """Fail closed: a mistyped --qmp must not release the pages (it did: "it is gone, so its RAM
+    file is final")."""
+    ram = tmp_path / "ram"
+    ram.write_bytes(b"\x01" * 4096 * 4)
+    key = tmp_path / "key"
+    key.write_text("ab" * 32 + "\n")
+    with socket.socket() as listener:  # a destination that would take the pages
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        serve = subprocess.run([sys.executable, "-m", "umemd.cli", "serve", str(ram), "--connect",
+                                f"127.0.0.1:{port}", "--key-file", str(key), "--migration-id", "00" * 16,
+                                "--qmp", str(tmp_path / "no-such.qmp")], capture_output=True, text=True,
+                               timeout=120)
+    assert serve.returncode == cli.EXIT_FAILED, serve.stderr
+    assert "migration was aborted" in serve.stderr and "no-such.qmp" in serve.stderr, serve.stderr
+
+
+def test_serve_needs_qmp_or_the_operators_word(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "ram", "--connect", "127.0.0.1:1", "--key-file", "k", "--migration-id", "00" * 16])
+    assert info.value.code == cli.EXIT_USAGE
+    assert "one of the arguments --qmp --guest-stopped-for-good is required" in capsys.readouterr().err

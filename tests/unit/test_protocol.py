@@ -25,6 +25,7 @@ from umemd.protocol import (
     Info,
     Pages,
     PeerError,
+    Released,
     Request,
     Role,
     State,
@@ -46,8 +47,8 @@ def events(conn: Connection, data: bytes) -> list[Event]:
     return out
 
 
-def connected(channel: Channel = Channel.DEMAND) -> tuple[Connection, Connection]:
-    """A source and a destination past the handshake."""
+def connected(channel: Channel = Channel.DEMAND, *, release: bool = True) -> tuple[Connection, Connection]:
+    """A source and a destination past the handshake (and, with ``release``, the source's RELEASED)."""
     src, dst = Connection(Role.SOURCE, channel, KEY, MIGRATION), Connection(Role.DESTINATION, channel, KEY,
                                                                              MIGRATION)
     hello_s, hello_d = src.data_to_send(), dst.data_to_send()
@@ -55,6 +56,9 @@ def connected(channel: Channel = Channel.DEMAND) -> tuple[Connection, Connection
     assert events(src, dst.data_to_send()) == [Authenticated(Role.DESTINATION, channel)]
     assert events(dst, src.data_to_send()) == [Authenticated(Role.SOURCE, channel)]
     assert src.state is State.READY and dst.state is State.READY
+    if release:
+        assert events(dst, src.send_released()) == [Released()]
+        assert src.state is State.RELEASED and dst.state is State.RELEASED
     return src, dst
 
 
@@ -190,6 +194,25 @@ def test_malformed_frames_put_the_connection_in_error(build, message: str) -> No
         events(dst, build(src, dst))
     assert dst.state is State.ERROR
     assert dst.next_event() is None
+
+
+def test_no_page_is_sent_or_taken_before_the_source_says_released() -> None:
+    src, dst = connected(Channel.PUSH, release=False)
+    events(dst, src.send_info(RAM))
+    for send in (lambda: src.send_pages_header(0, 1), lambda: src.send_zero(0, 1), lambda: src.send_done(1, 0)):
+        with pytest.raises(LocalProtocolError, match="before RELEASED"):
+            send()
+    with pytest.raises(RemoteProtocolError, match="before the source's RELEASED"):
+        events(dst, frame(FrameType.ZERO, struct.pack("!QQ", 0, 1)))
+    assert dst.state is State.ERROR
+
+
+def test_only_the_source_says_released() -> None:
+    src, dst = connected(Channel.DEMAND, release=False)
+    with pytest.raises(LocalProtocolError):
+        dst.send_released()
+    with pytest.raises(RemoteProtocolError, match="RELEASED is not allowed"):
+        events(src, frame(FrameType.RELEASED))
 
 
 def test_pages_before_authentication_are_refused() -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import cast
 
 from umemd.ramfile import PAGE_SIZE, RamFile
+from umemd.session import SourceEvent, SourceGate
 from umemd.source import ZERO_RUN_MIN, PageServer, zero_split
 from umemd.transport import Dialer
 
@@ -33,11 +33,11 @@ def test_a_hole_written_before_the_release_is_sent_as_data(tmp_path: Path) -> No
         f.write(b"\x01" * PAGE_SIZE)
         f.truncate(64 * PAGE_SIZE)  # pages 1..63: a hole
     ram = RamFile(path)
-    released = threading.Event()
-    server = PageServer(ram, cast(Dialer, None), released)
+    gate = SourceGate()
+    server = PageServer(ram, cast(Dialer, None), gate)
     with open(path, "r+b") as f:  # the guest, before it stops
         f.seek(40 * PAGE_SIZE)
         f.write(b"\x02" * PAGE_SIZE)
-    released.set()
+    gate.handle(SourceEvent.PRE_SWITCHOVER)
     assert (40, 41, True) in server._runs(40, 41), "a page written before the release travels as a ZERO hint"
     ram.close()
