@@ -36,11 +36,14 @@ STATUS_EVENTS = {"pre-switchover": SourceEvent.PRE_SWITCHOVER, "completed": Sour
 RUN_EVENTS = {"STOP": SourceEvent.STOPPED, "RESUME": SourceEvent.RESUMED, "SHUTDOWN": SourceEvent.QEMU_QUIT}
 
 
-def watch_source(socket_path: Path, gate: SourceGate) -> threading.Thread:
-    """Start a thread that moves ``gate`` by what the QEMU behind ``socket_path`` does."""
-    thread = threading.Thread(target=lambda: asyncio.run(_watch(socket_path, gate)), name="umemd-qmp", daemon=True)
+def watch_source(socket_path: Path, gate: SourceGate) -> threading.Event:
+    """Start a thread that moves ``gate`` by what the QEMU behind ``socket_path`` does; the
+    returned event is set once it watches (listening, the starting status read) or has given up."""
+    watching = threading.Event()
+    thread = threading.Thread(target=lambda: asyncio.run(_watch(socket_path, gate, watching)), name="umemd-qmp",
+                              daemon=True)
     thread.start()
-    return thread
+    return watching
 
 
 class _MigrationStatus:
@@ -70,13 +73,14 @@ class _MigrationStatus:
             self.gate.handle(event, status)
 
 
-async def _watch(socket_path: Path, gate: SourceGate) -> None:
+async def _watch(socket_path: Path, gate: SourceGate, watching: threading.Event) -> None:
     client = QMPClient("umemd-serve")
     try:
         await client.connect(str(socket_path))
     except (QMPError, OSError) as e:
         gate.handle(SourceEvent.QMP_LOST, f"cannot reach {socket_path} ({e}): pass the source QEMU's second QMP "
                     "monitor, or --guest-stopped-for-good if it has quit")
+        watching.set()
         return
     listener = EventListener(("STOP", "RESUME", "SHUTDOWN", "MIGRATION"))
     client.register_listener(listener)
@@ -86,6 +90,7 @@ async def _watch(socket_path: Path, gate: SourceGate) -> None:
         migration.start(str((await _call(client, "query-migrate")).get("status", "none")), running)
         log.info("source QEMU at %s: guest %s, migration %s; %s", socket_path,
                  "running" if running else "paused", migration.last, gate.phase.value)
+        watching.set()
         while not gate.aborted:
             with contextlib.suppress(TimeoutError):
                 _on_event(await asyncio.wait_for(listener.get(), POLL), gate, migration)
@@ -94,6 +99,7 @@ async def _watch(socket_path: Path, gate: SourceGate) -> None:
     except (QMPError, OSError, EOFError) as e:
         gate.handle(SourceEvent.QMP_LOST, str(e) or type(e).__name__)
     finally:
+        watching.set()
         client.remove_listener(listener)
         with contextlib.suppress(Exception):
             await client.disconnect()

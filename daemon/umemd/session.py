@@ -93,6 +93,7 @@ class SourceGate:
     def __init__(self, on_change: Callable[[SourcePhase, str], None] | None = None) -> None:
         self.phase = SourcePhase.HELD
         self.reason = "waiting for the source guest to stop for the switch-over"
+        self.history: list[SourceEvent] = []  # every event handled, in order
         self._lock = threading.Lock()
         self._decided = threading.Event()  # released or aborted
         self._on_change = on_change
@@ -102,6 +103,7 @@ class SourceGate:
         with self._lock:
             old = self.phase
             new = SOURCE_TRANSITIONS.get((old, event))
+            self.history.append(event)
             if new is None:
                 raise LocalProtocolError(f"no transition from {old.value} on {event!r}")
             if new is not old:
