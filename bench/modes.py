@@ -29,6 +29,7 @@ class Settings:
 
     ram: str = "512M"           # guest RAM
     mib: int = 192              # workload size (wl_mib)
+    grow_mib: int = 0           # memory the workload takes while it runs, up to the switch-over (wl_grow_mib)
     passes_after: int = 2       # destination verification passes after completion
     postcopy_after_s: float = 0.0  # pre-copy before migrate-start-postcopy
     boot_timeout: float = 180.0

@@ -41,7 +41,7 @@ from typing import Any
 
 from tests.qemu.harness import CHECKOUT, GuestImage, WorkloadLog
 from umemd.cli import parse_size
-from umemd.migrate import first_status
+from umemd.migrate import first_status, read_status
 from umemd.transport import Endpoint
 
 from .metrics import daemon_requests
@@ -270,30 +270,102 @@ async def migrate_guest(topo: Topology, guest: GuestImage, settings: Settings, w
     """Boot the test guest on the host, start pull, the destination QEMU and serve, then run
     ``umemd migrate`` (its output echoed when ``echo``); ``inject`` runs beside it (fault injection)."""
     side = UmemSide(topo, workdir, name, parse_size(settings.ram))
-    guest_args = ["-m", settings.ram, *guest.args(mib=settings.mib)]
-    report_path = workdir / "migrate.json"
+    guest_args = workload_args(guest, settings)
     await load_module(topo)
     try:
         async with HostVm(workdir, "src", [*guest_args, *side.source_args()]) as src:
             await src.wait_serial(lambda log: len(log.verifies) >= 1, settings.boot_timeout,
                                   "the source guest's first verification pass")
-            await side.start_pull()
-            dst_args = ["-incoming", "defer", *guest_args, *side.destination_args()]
-            async with topo.destination(f"dst-{name}", dst_args, workdir) as dst:
-                side.start_serve(*serve_args)
-                argv = side.migrate_argv("--report", str(report_path), *(["--plot", str(plot)] if plot else []))
-                output = await _run_migrate(argv, workdir / "migrate.log", echo, side, inject)
-                await asyncio.sleep(1.0)  # the serial stream catches up
-                base = len(dst.workload().verifies)
-                await dst.wait_serial(lambda log: len(log.verifies) >= base + settings.passes_after,
-                                      settings.verify_timeout, "verification passes after the last page")
-                dst_query = await dst.cmd("query-migrate")
-                status = (await dst.cmd("query-status"))["status"]
-                src_log, dst_log = src.workload(), dst.workload()
+            return await _migrate_running(side, src, guest_args, settings, serve_args=serve_args, inject=inject,
+                                          echo=echo, plot=plot)
     finally:
         await side.stop()
+
+
+def workload_args(guest: GuestImage, settings: Settings) -> list[str]:
+    return ["-m", settings.ram, *guest.args(mib=settings.mib, grow_mib=settings.grow_mib)]
+
+
+async def _migrate_running(side: UmemSide, src: HostVm, guest_args: list[str], settings: Settings, *,
+                           serve_args: tuple[str, ...] = (), inject: Inject | None = None, echo: bool = False,
+                           plot: Path | None = None, attempt: str = "") -> MigrationResult:
+    """Migrate the running source guest ``src`` with a new pull, destination and serve."""
+    report_path = side.workdir / f"migrate{attempt}.json"
+    await side.start_pull()
+    dst_args = ["-incoming", "defer", *guest_args, *side.destination_args()]
+    async with side.topo.destination(f"dst-{side.name}{attempt}", dst_args, side.workdir) as dst:
+        side.start_serve(*serve_args)
+        argv = side.migrate_argv("--report", str(report_path), *(["--plot", str(plot)] if plot else []))
+        output = await _run_migrate(argv, side.workdir / f"migrate{attempt}.log", echo, side, inject)
+        await asyncio.sleep(1.0)  # the serial stream catches up
+        base = len(dst.workload().verifies)
+        await dst.wait_serial(lambda log: len(log.verifies) >= base + settings.passes_after,
+                              settings.verify_timeout, "verification passes after the last page")
+        dst_query = await dst.cmd("query-migrate")
+        status = (await dst.cmd("query-status"))["status"]
+        src_log, dst_log = src.workload(), dst.workload()
     return MigrationResult(json.loads(report_path.read_text()), output, src_log, dst_log, dst_query, status,
-                     len(dst_log.verifies) - base)
+                           len(dst_log.verifies) - base)
+
+
+@dataclass
+class CancelledAttempt:
+    """What a migration cancelled at pre-switchover left behind."""
+
+    released_status: dict[str, Any]  # the pull's status once serve had released
+    last_status: dict[str, Any]      # the pull's last status line
+    pull_rc: int
+    serve_rc: int
+    serve_log: str
+    source_status: str               # the source guest after the cancel (which verified its memory again)
+
+
+async def cancelled_then_retried(topo: Topology, guest: GuestImage, settings: Settings, workdir: Path,
+                                 name: str = "vm0") -> tuple[CancelledAttempt, MigrationResult]:
+    """A migration cancelled in pre-switchover, after the page server released (the source guest
+    runs on), then retried from the same running guest as a new migration: a new id, a fresh pull."""
+    side = UmemSide(topo, workdir, name, parse_size(settings.ram))
+    guest_args = workload_args(guest, settings)
+    await load_module(topo)
+    try:
+        async with HostVm(workdir, "src", [*guest_args, *side.source_args()]) as src:
+            await src.wait_serial(lambda log: len(log.verifies) >= 1, settings.boot_timeout,
+                                  "the source guest's first verification pass")
+            cancelled = await _cancel_at_switchover(side, src, guest_args, settings)
+            await topo.agent.request("run", argv=[str(VENV_PYTHON), "-m", "umemd.cli", "destroy", name])
+            side.migration_id = secrets.token_hex(16)
+            return cancelled, await _migrate_running(side, src, guest_args, settings, attempt="-retry")
+    finally:
+        await side.stop()
+
+
+async def _cancel_at_switchover(side: UmemSide, src: HostVm, guest_args: list[str],
+                                settings: Settings) -> CancelledAttempt:
+    """Drive QMP by hand: migrate with pause-before-switchover, wait until the pull says the
+    source released, then migrate_cancel."""
+    await side.start_pull()
+    dst_args = ["-incoming", "defer", *guest_args, *side.destination_args()]
+    async with side.topo.destination(f"dst-{side.name}-cancelled", dst_args, side.workdir) as dst:
+        serve = side.start_serve()
+        await first_status(side.status, 120, lambda doc: doc["state"] == "pulling")
+        caps = ("x-ignore-shared", "events", "pause-before-switchover")
+        await src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps])
+        await dst.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps[:2]])
+        await dst.cmd("migrate-incoming", uri=f"tcp:{side.topo.bind}:{side.topo.guest_port('migration')}")
+        await src.cmd("migrate", uri=f"tcp:127.0.0.1:{side.topo.host_port('migration')}")
+        await src.wait_migration({"pre-switchover"}, settings.migrate_timeout)
+        released = await first_status(side.status, 120, lambda doc: bool(doc["source_released"]))
+        followed = asyncio.create_task(read_status(side.status, lambda doc: None, deadline=time.monotonic() + 300))
+        await src.cmd("migrate_cancel")
+        last = await followed
+        pull_rc = await side.wait_pull(120)
+        serve_rc = await asyncio.to_thread(serve.wait, 120)
+        base = len(src.workload().verifies)
+        await src.wait_serial(lambda log: len(log.verifies) > base, settings.verify_timeout,
+                              "a verification pass of the source guest after the cancel")
+        source_status = (await src.cmd("query-status"))["status"]
+    return CancelledAttempt(released, last, pull_rc, serve_rc,
+                            (side.workdir / f"serve-{side.serves}.log").read_text(errors="replace"), source_status)
 
 
 async def _run_migrate(argv: list[str], log_path: Path, echo: bool, side: UmemSide, inject: Inject | None) -> str:

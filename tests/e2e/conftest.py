@@ -57,8 +57,9 @@ def vm() -> Iterator[Driver]:
 
 @pytest.fixture
 def settings() -> Settings:
-    """A small guest: 256 MiB of RAM, 64 MiB of it the workload's, one pass after the last page."""
-    return Settings(ram="256M", mib=64, passes_after=1, boot_timeout=120, verify_timeout=300)
+    """A small guest: 256 MiB of RAM, 64 MiB of it the workload's from the start and 64 MiB more that it
+    takes while it runs (never-touched memory written up to the switch-over), one pass after the last page."""
+    return Settings(ram="256M", mib=64, grow_mib=64, passes_after=1, boot_timeout=120, verify_timeout=300)
 
 
 @pytest.fixture

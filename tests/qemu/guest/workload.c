@@ -9,13 +9,16 @@
  *   wl_hot_mib=N  MiB at the start that are rewritten continuously (16)
  *   wl_hb_ms=N    heartbeat period in milliseconds (200)
  *   wl_seconds=N  exit after N seconds, 0 = run forever (0)
+ *   wl_grow_mib=N MiB more, never touched at start, that the workload
+ *                 takes one page every 64 steps while it runs, so it keeps
+ *                 writing fresh memory up to (and past) a switch-over (0)
  *
  * Every line starts with "UMEMWL " and is key=value after a tag, times in
  * nanoseconds of CLOCK_MONOTONIC:
- *   UMEMWL START mib= hot_mib= hb_ms= pages= page_size=
+ *   UMEMWL START mib= hot_mib= hb_ms= pages= page_size= grow_pages=
  *   UMEMWL FILLED t= ms=
  *   UMEMWL HB seq= t= pass= rewrites=
- *   UMEMWL VERIFY pass= bad= total_bad= t= ms=
+ *   UMEMWL VERIFY pass= bad= total_bad= t= ms= live=
  *   UMEMWL BAD page= word= got= want= gen=
  *   UMEMWL EXIT total_bad= passes=
  * The heartbeat is driven by time, not by progress: a gap between two HB
@@ -38,7 +41,7 @@
 
 static uint64_t *mem;
 static uint32_t *gen; /* generation of each page; hot pages move on */
-static size_t npages, nhot;
+static size_t npages, nhot, live; /* live: pages written so far, grown into */
 static uint64_t hb_ns, next_hb, hb_seq, pass, rewrites, total_bad;
 
 static uint64_t now_ns(void)
@@ -151,7 +154,7 @@ int main(void)
 {
     char cmdline[4096] = "";
     FILE *f = fopen("/proc/cmdline", "r");
-    unsigned long mib, hot_mib, seconds;
+    unsigned long mib, hot_mib, seconds, grow_mib;
     uint64_t start, deadline, t0;
     size_t hot_next = 0;
 
@@ -165,6 +168,7 @@ int main(void)
     hot_mib = param(cmdline, "wl_hot_mib", 16);
     hb_ns = param(cmdline, "wl_hb_ms", 200) * 1000000ull;
     seconds = param(cmdline, "wl_seconds", 0);
+    grow_mib = param(cmdline, "wl_grow_mib", 0);
     if (mib == 0 || hb_ns == 0) {
         say("UMEMWL ERROR wl_mib and wl_hb_ms must be nonzero");
         return 2;
@@ -172,7 +176,8 @@ int main(void)
     if (hot_mib > mib) {
         hot_mib = mib;
     }
-    npages = mib * (1024 * 1024 / PAGE_SIZE);
+    live = mib * (1024 * 1024 / PAGE_SIZE);
+    npages = live + grow_mib * (1024 * 1024 / PAGE_SIZE);
     nhot = hot_mib * (1024 * 1024 / PAGE_SIZE);
     mem = mmap(NULL, npages * PAGE_SIZE, PROT_READ | PROT_WRITE,
                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -184,11 +189,11 @@ int main(void)
     start = now_ns();
     next_hb = start;
     deadline = seconds ? start + seconds * 1000000000ull : UINT64_MAX;
-    say("UMEMWL START mib=%lu hot_mib=%lu hb_ms=%llu pages=%zu page_size=%u",
-        mib, hot_mib, (unsigned long long)(hb_ns / 1000000), npages,
-        PAGE_SIZE);
+    say("UMEMWL START mib=%lu hot_mib=%lu hb_ms=%llu pages=%zu page_size=%u grow_pages=%zu",
+        mib, hot_mib, (unsigned long long)(hb_ns / 1000000), live,
+        PAGE_SIZE, npages - live);
 
-    for (size_t i = 0; i < npages; i++) {
+    for (size_t i = 0; i < live; i++) {
         fill_page(i);
         if ((i & 15) == 0) {
             heartbeat();
@@ -203,10 +208,15 @@ int main(void)
         unsigned printed = 0;
         uint64_t bad = 0;
 
+        size_t checked = live;
+
         pass++;
         t0 = now_ns();
-        for (size_t i = 0; i < npages; i++) {
+        for (size_t i = 0; i < checked; i++) {
             bad += check_page(i, &printed);
+            if ((i & 63) == 0 && live < npages) {
+                fill_page(live++); /* a page never touched before */
+            }
             if (nhot) {
                 gen[hot_next]++;
                 fill_page(hot_next);
@@ -218,10 +228,10 @@ int main(void)
             }
         }
         total_bad += bad;
-        say("UMEMWL VERIFY pass=%llu bad=%llu total_bad=%llu t=%llu ms=%llu",
+        say("UMEMWL VERIFY pass=%llu bad=%llu total_bad=%llu t=%llu ms=%llu live=%zu",
             (unsigned long long)pass, (unsigned long long)bad,
             (unsigned long long)total_bad, (unsigned long long)now_ns(),
-            (unsigned long long)((now_ns() - t0) / 1000000));
+            (unsigned long long)((now_ns() - t0) / 1000000), live);
     }
     say("UMEMWL EXIT total_bad=%llu passes=%llu",
         (unsigned long long)total_bad, (unsigned long long)pass);
