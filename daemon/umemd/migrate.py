@@ -46,6 +46,7 @@ from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.message import Message
 
+from umemd.destination import PullState
 from umemd.errors import ConnectError, UmemError
 from umemd.status import MAX_LINE
 from umemd.transport import Endpoint
@@ -53,6 +54,7 @@ from umemd.transport import Endpoint
 log = logging.getLogger(__name__)
 
 POLL = 0.1  # seconds between query-migrate polls
+FINAL_PULL_STATES = frozenset(s.value for s in (PullState.COMPLETE, PullState.FAILED, PullState.ABORTED))
 
 
 class MigrationError(UmemError):
@@ -171,15 +173,16 @@ async def wait_completed(qmp: QMPClient, side: str, deadline: float, until: str 
 async def migrate(opts: MigrateOptions) -> dict[str, Any]:
     """Run the migration; return its report (see docs/operations.md)."""
     ready = await first_status(opts.dst_status, opts.ready_timeout)
-    if ready.get("state") not in ("ready", "pulling"):
+    if ready.get("state") not in (PullState.READY.value, PullState.PULLING.value):
         raise MigrationError(f"umemd pull at {opts.dst_status} is {ready.get('state')!r}, not ready: "
                              f"start a fresh one for this migration")
     try:  # the page server connected: the destination's device load will find its pages
-        ready = await first_status(opts.dst_status, opts.ready_timeout, lambda doc: doc["state"] != "ready")
+        ready = await first_status(opts.dst_status, opts.ready_timeout,
+                                   lambda doc: doc["state"] != PullState.READY.value)
     except ConnectError as e:
         raise MigrationError(f"{e}: no page server is connected to it; start `umemd serve RAMFILE --connect "
                              f"DEST:PORT --qmp SOCKET ...` on the source (or check its log)") from e
-    if ready["state"] != "pulling":
+    if ready["state"] != PullState.PULLING.value:
         raise MigrationError(f"umemd pull at {opts.dst_status} ended {ready['state']!r} before the migration: "
                              f"see its log")
     clients: list[QMPClient] = []
@@ -240,7 +243,7 @@ async def _run(opts: MigrateOptions, src: QMPClient, dst: QMPClient, ready: dict
     finally:
         pulled.cancel()
     finished = time.monotonic()
-    if last.get("state") != "complete":
+    if last.get("state") != PullState.COMPLETE.value:
         raise MigrationError(f"umemd pull ended {last.get('state')!r} with {last.get('present')} of "
                              f"{last.get('pages')} pages present: see its log")
     for name, t in (*src_events.arrived.items(), *dst_events.arrived.items()):
@@ -422,8 +425,7 @@ async def read_status(endpoint: Endpoint, on_line: Callable[[dict[str, Any]], No
                       deadline: float) -> dict[str, Any]:
     """Follow a pull daemon's status until it says ``complete`` or ``failed``, calling
     ``on_line`` with every line; returns the last one."""
-    return await follow_status(endpoint, lambda doc: doc.get("state") in ("complete", "failed", "aborted"), deadline,
-                               on_line)
+    return await follow_status(endpoint, lambda doc: doc.get("state") in FINAL_PULL_STATES, deadline, on_line)
 
 
 async def first_status(endpoint: Endpoint, timeout: float,

@@ -58,6 +58,10 @@ AUTH_LABEL = b"umem-auth-v2"
 HEADER = struct.Struct("!BBHI")
 HELLO_PREFIX = struct.Struct("!8sH")  # magic, version: the same in every version
 HELLO = struct.Struct("!8sHBBI16s16s")  # ... role, channel, flags, nonce, migration id
+# HELLO flags: the optional features a side offers; a connection uses those both offer, and an
+# unknown bit is an offer this side declines (so a later release adds frames without a new
+# version). Version 2 defines none.
+OFFERED_FEATURES = 0
 INFO = struct.Struct("!QII")
 COUNT = struct.Struct("!II")
 RUN = struct.Struct("!QII")
@@ -270,8 +274,9 @@ class Connection:
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
         self._eof = False
-        self._outgoing = bytearray(frame(FrameType.HELLO, HELLO.pack(MAGIC, VERSION, role, channel, 0, self._nonce,
-                                                                    migration_id)))
+        self.features = 0  # negotiated at the peer's HELLO
+        self._outgoing = bytearray(frame(FrameType.HELLO, HELLO.pack(MAGIC, VERSION, role, channel, OFFERED_FEATURES,
+                                                                    self._nonce, migration_id)))
 
     # ---- receiving ----------------------------------------------------------
 
@@ -402,11 +407,12 @@ class Connection:
         if len(payload) != HELLO.size:
             self._fail(f"HELLO payload of {len(payload)} bytes, expected {HELLO.size}")
         _, _, role, channel, flags, nonce, migration_id = HELLO.unpack(payload)
-        if role != self.peer_role or channel != self.channel or flags:
+        if role != self.peer_role or channel != self.channel:
             self._fail(f"peer is role {role} on channel {channel}, expected a "
                        f"{self.peer_role.name.lower()} on the {self.channel.name.lower()} channel")
         if migration_id != self.migration_id:
             self._refuse_migration(migration_id)
+        self.features = flags & OFFERED_FEATURES
         self._peer_nonce = nonce
         self._outgoing += frame(FrameType.AUTH, auth_tag(self._key, self.role, self.channel, self._nonce, nonce,
                                                          self.migration_id))
