@@ -25,7 +25,8 @@ def test_pull_without_the_module_exits_3_and_says_how_to_load_it(vm: Driver, wor
     key.write_text("ab" * 32 + "\n")
     _, out = run_in_vm(vm, "sh", "-c", f"""
         rmmod umem 2>/dev/null
-        {VENV_PYTHON} -m umemd.cli pull vm9 --size 1M --listen 127.0.0.1:4999 --key-file {key}
+        {VENV_PYTHON} -m umemd.cli pull vm9 --size 1M --listen 127.0.0.1:4999 --key-file {key} \\
+            --migration-id {"00" * 16}
         echo "rc=$?"
         insmod {KMOD}""")
     assert "rc=3" in out, out
@@ -85,5 +86,29 @@ def test_a_page_server_with_the_wrong_key_gets_nothing(vm: Driver, workdir: Path
             _, err = serve.communicate()
             await side.stop()
         assert "authentication failed" in err, err
+
+    vm.run(attempt())
+
+
+def test_a_page_server_of_another_migration_is_refused_and_exits_1(vm: Driver, workdir: Path) -> None:
+    side = UmemSide(vm.topo, workdir, "stale", 64 << 20)
+    side.ram_file.write_bytes(b"\xbb" * (64 << 20))  # another guest's RAM, of the same size
+
+    async def attempt() -> None:
+        await load_module(vm.topo)
+        await side.start_pull()
+        stale_id = "ee" * 16
+        serve = subprocess.Popen([sys.executable, "-m", "umemd.cli", "serve", str(side.ram_file), "--connect",
+                                  f"127.0.0.1:{vm.topo.host_port('umem-page')}", "--key-file", str(side.key),
+                                  "--migration-id", stale_id, "--guest-stopped-for-good"],
+                                 cwd=CHECKOUT, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = await asyncio.to_thread(serve.communicate, timeout=300)
+            assert serve.returncode == 1, err
+            assert f"migration {side.migration_id}" in err and stale_id in err, err
+            assert await side.missing_pages() == (64 << 20) // 4096, "a page arrived from another migration"
+        finally:
+            serve.kill()
+            await side.stop()
 
     vm.run(attempt())
