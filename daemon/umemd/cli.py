@@ -255,6 +255,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         progress = Progress(puller, sys.stderr.isatty() and not args.quiet)
         progress.start()
         if status:
+            puller.on_release = status.update
             status.start()
         state = PullState.FAILED
         try:

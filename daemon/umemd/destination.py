@@ -95,6 +95,7 @@ class Puller:
         self._push_done = threading.Event()  # the source said DONE on the push channel
         self.state = PullState.READY
         self.source_released = False  # a link said RELEASED: the source guest is stopped for good
+        self.on_release: Callable[[], None] = lambda: None  # e.g. a status line at once
 
     def run(self) -> None:
         """Pull until every page is present, then destroy the node."""
@@ -234,7 +235,8 @@ class Puller:
             elif isinstance(event, Released):
                 if not self.source_released:
                     log.info("the source guest is stopped for good: pages follow")
-                self.source_released = True
+                    self.source_released = True
+                    self.on_release()
             elif isinstance(event, PeerError):
                 self._check_abort(event)
                 log.error("%s channel: the source says: %s", link.channel.name.lower(), event.reason)

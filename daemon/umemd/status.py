@@ -4,12 +4,11 @@
 migrate --dst-status``) gets one JSON object per line every
 :data:`INTERVAL` seconds — the instance's name and node, the state, and the
 counters of :meth:`umemd.stats.PullStats.report` — and a last line with
-``"state": "complete"`` (or ``"failed"``) before the daemon exits. It is
+``"state": "complete"`` (or ``"failed"``, ``"aborted"``) before the daemon
+exits; :meth:`StatusServer.update` sends a line at once between two (the
+source's release: umemd migrate waits for it with the source stopped). It is
 read-only: nothing a client sends is read. See docs/protocol.md; the client
-side is in umemd.migrate.
-
-States: ``ready`` (the instance exists and faults are being collected; no
-source yet), ``pulling`` (a source is connected), ``complete``, ``failed``.
+side is in umemd.migrate. The states are umemd.destination.PullState.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ class StatusServer(threading.Thread):
         super().__init__(name="umemd-status", daemon=True)
         self.snapshot = snapshot
         self._clients: list[socket.socket] = []
+        self._lock = threading.Lock()  # _clients: the status thread and update()'s caller
         self._finished = threading.Event()
         try:
             self._listener = socket.create_server((endpoint.host, endpoint.port), reuse_port=False)
@@ -57,6 +57,11 @@ class StatusServer(threading.Thread):
                 log.debug("status snapshot failed: %s", e)
                 continue
             self._broadcast(doc)
+
+    def update(self) -> None:
+        """Send a line now (from any thread), not only at the next interval."""
+        with contextlib.suppress(UmemError, OSError):
+            self._broadcast(self.snapshot())
 
     def finish(self, last: dict[str, Any]) -> None:
         """Send ``last`` to every client, close them and stop."""
@@ -78,15 +83,17 @@ class StatusServer(threading.Thread):
             self._finished.wait(INTERVAL)
             return
         client.settimeout(SEND_TIMEOUT)
-        self._clients.append(client)
+        with self._lock:
+            self._clients.append(client)
         log.info("status client %s:%d connected", *peer[:2])
 
     def _broadcast(self, doc: dict[str, Any]) -> None:
         line = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
-        for client in list(self._clients):
-            try:
-                client.sendall(line)
-            except OSError as e:
-                log.info("status client dropped: %s", e)
-                self._clients.remove(client)
-                client.close()
+        with self._lock:
+            for client in list(self._clients):
+                try:
+                    client.sendall(line)
+                except OSError as e:
+                    log.info("status client dropped: %s", e)
+                    self._clients.remove(client)
+                    client.close()
