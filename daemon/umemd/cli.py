@@ -24,11 +24,12 @@ from typing import Any
 from umemd.destination import Puller, PullState, open_instance
 from umemd.device import CONTROL_PATH, Control, NodeOwner, node_path, read_counters
 from umemd.errors import MigrationAbortedError, ModuleNotLoadedError, UmemError
+from umemd.planner import PREPAGE
 from umemd.priority import short_gil_slices
 from umemd.protocol import MIGRATION_ID_SIZE, Role
 from umemd.ramfile import RamFile
 from umemd.session import SourceEvent, SourceGate
-from umemd.source import PREPAGE, PageServer
+from umemd.source import PageServer
 from umemd.stats import PullStats
 from umemd.status import StatusServer
 from umemd.transport import Dialer, Endpoint, TlsFiles

@@ -12,8 +12,9 @@ abort (the source guest runs again, the migration is cancelled or fails)
 sends ERROR ABORTED on every link and ends the server with an error.
 
 Threads: one per channel (``umemd-demand``, ``umemd-push``, each owning its
-link) and the QMP watcher (umemd.qmpwatch), which moves the gate. ``_lock``
-guards ``_sent``, ``_hot``, the extents and ``_links``; the stats counters are
+link) and the QMP watcher (umemd.qmpwatch), which moves the gate. What to send
+next is the planner's (umemd.planner, its own lock). ``_lock`` guards the
+extents and ``_links``; the stats counters are
 each written by one channel thread only (demand_* by demand, pushed_pages
 by push; zero_pages and bytes_sent by both, under ``_lock``).
 """
@@ -36,6 +37,7 @@ from umemd.errors import (
     RemoteProtocolError,
     UmemError,
 )
+from umemd.planner import PREPAGE, PushPlanner
 from umemd.priority import favour_this_thread
 from umemd.protocol import (
     MAX_RUN_PAGES,
@@ -55,9 +57,6 @@ from umemd.transport import Dialer, Link
 
 log = logging.getLogger(__name__)
 
-PREPAGE = 8  # pages sent with each demand request, requested page first
-PUSH_AFTER_FAULT = 256  # pages after a fault the push stream sends next
-PUSH_RUN = 256  # pages per PAGES frame in the push stream (1 MiB)
 ZERO_RUN_MIN = 4  # zero pages in a row, inside data, sent as a ZERO hint rather than as data
 
 
@@ -80,15 +79,13 @@ class PageServer:
         self.push_rate = push_rate  # bytes per second, None: as fast as the link goes
         self.dialer = dialer
         self.gate = gate
-        self.prepage = prepage
         self.stats = SourceStats()
         self.complete = threading.Event()  # the destination has every page
         self.failure: UmemError | None = None  # why serving cannot go on (set once, before _over)
         self._over = threading.Event()  # complete or failed: run() returns
         self._extents: list[tuple[int, int]] | None = None  # read once, after the release
         self._extent_starts: list[int] = []
-        self._hot: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)  # (next page, limit)
-        self._sent = bytearray(ram.pages)  # this push session: 1 = present or sent
+        self.plan = PushPlanner(ram.pages, prepage=prepage)
         self._links: set[Link] = set()  # the links open now, to tell of an abort
         self._lock = threading.Lock()
 
@@ -181,15 +178,9 @@ class PageServer:
                 return
 
     def _send_demand(self, link: Link, page: int) -> None:
-        """The requested page (even if pushed already: it has not arrived), then the pages
-        after it up to ``prepage`` in all, stopping at the first one already sent."""
-        with self._lock:
-            limit = min(page + self.prepage, self.ram.pages)
-            end = self._sent.find(1, page + 1, limit)
-            end = limit if end < 0 else end
-            self._sent[page:end] = b"\x01" * (end - page)
-            self._hot.append((end, min(end + PUSH_AFTER_FAULT, self.ram.pages)))
-        self.stats.demand_pages += self._send_range(link, page, end)
+        """The requested page and the pages the planner pre-pages after it."""
+        start, end = self.plan.demand(page)
+        self.stats.demand_pages += self._send_range(link, start, end)
 
     # ---- push -----------------------------------------------------------------
 
@@ -210,8 +201,7 @@ class PageServer:
             sent[event.first:event.first + event.count] = _bits_to_bytes(event.bitmap, event.count)
             covered += event.count
         link.pending[:0] = backlog  # what came with the last HAVE (a COMPLETE): read during the push
-        with self._lock:
-            self._sent = sent
+        self.plan.cover(bytes(sent))
         log.info("push channel: the destination has %d pages; pushing the other %d",
                  self.ram.pages - sent.count(0), sent.count(0))
         self._await_release(link)
@@ -238,33 +228,15 @@ class PageServer:
         the push was through, that event.
         """
         pushed = 0
-        cursor = 0
         started = time.monotonic()
         while True:
             ahead = pushed * PAGE_SIZE / self.push_rate - (time.monotonic() - started) if self.push_rate else 0.0
             if (stop := self._push_interrupted(link, ahead)) is not None:
                 return pushed, stop
-            with self._lock:
-                limit: int | None = None
-                if self._hot:
-                    position, limit = self._hot.popleft()
-                    start = self._sent.find(0, position, limit)
-                    if start < 0:
-                        continue  # that window is done
-                else:
-                    start = self._sent.find(0, cursor)
-                    if start < 0:
-                        return pushed, None
-                run_end = min(start + PUSH_RUN, limit or self.ram.pages)
-                end = self._sent.find(1, start, run_end)
-                end = run_end if end < 0 else end
-                self._sent[start:end] = b"\x01" * (end - start)
-            pushed += self._send_range(link, start, end)
-            if limit is None:
-                cursor = end
-            elif end < limit:
-                with self._lock:
-                    self._hot.appendleft((end, limit))  # keep following this fault
+            run = self.plan.next_push()
+            if run is None:
+                return pushed, None
+            pushed += self._send_range(link, *run)
 
     def _push_interrupted(self, link: Link, wait: float) -> Complete | PeerError | Closed | None:
         """Between two push frames: what the destination said on the push
