@@ -41,6 +41,7 @@ from typing import Any
 
 from tests.qemu.harness import CHECKOUT, GuestImage, WorkloadLog
 from umemd.cli import parse_size
+from umemd.destination import PullState
 from umemd.migrate import first_status, read_status
 from umemd.transport import Endpoint
 
@@ -347,7 +348,7 @@ async def _cancel_at_switchover(side: UmemSide, src: HostVm, guest_args: list[st
     dst_args = ["-incoming", "defer", *guest_args, *side.destination_args()]
     async with side.topo.destination(f"dst-{side.name}-cancelled", dst_args, side.workdir) as dst:
         serve = side.start_serve()
-        await first_status(side.status, 120, lambda doc: doc["state"] == "pulling")
+        await first_status(side.status, 120, lambda doc: PullState(doc["state"]) is PullState.PULLING)
         caps = ("x-ignore-shared", "events", "pause-before-switchover")
         await src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps])
         await dst.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps[:2]])
@@ -397,7 +398,8 @@ async def wait_partly_present(side: UmemSide, low: float = 0.05, high: float = 0
     are present; that status line, after checking that no more than ``high`` are (pages are
     still missing when the fault is injected)."""
     status = await first_status(side.status, timeout,
-                                lambda doc: doc["state"] == "pulling" and doc["present"] >= low * doc["pages"])
+                                lambda doc: PullState(doc["state"]) is PullState.PULLING
+                                and doc["present"] >= low * doc["pages"])
     share = status["present"] / status["pages"]
     if share > high:
         raise AssertionError(f"{share:.0%} of the pages were present before the fault could be injected: "

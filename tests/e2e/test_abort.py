@@ -10,6 +10,7 @@ from pathlib import Path
 from bench.modes import Settings
 from bench.umem import cancelled_then_retried
 from tests.qemu.harness import GuestImage
+from umemd.destination import PullState
 
 from .conftest import Driver
 from .test_migrate import recovered
@@ -19,7 +20,7 @@ def test_cancelled_at_pre_switchover_then_retried_as_a_new_migration(vm: Driver,
                                                                      settings: Settings, workdir: Path) -> None:
     cancelled, retried = vm.run(cancelled_then_retried(vm.topo, guest, settings, workdir))
     assert cancelled.released_status["source_released"] is True
-    assert cancelled.last_status["state"] == "aborted", cancelled.last_status
+    assert PullState(cancelled.last_status["state"]) is PullState.ABORTED, cancelled.last_status
     assert cancelled.pull_rc == 1, "the pull must refuse an aborted migration's instance"
     assert cancelled.serve_rc == 1 and "migration aborted" in cancelled.serve_log, cancelled.serve_log
     assert cancelled.source_status == "running"
