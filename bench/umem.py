@@ -411,7 +411,8 @@ class UmemMode(Mode):
 
     The pull daemon and the page server start before the destination QEMU
     (``-postcopy`` refuses a node that does not exist); the page server holds
-    its pages until the source stops. QEMU migrates device state only, so its
+    its pages until the source reaches pre-switchover, and the switch-over
+    continues once the pull says it released, as with ``umemd migrate``. QEMU migrates device state only, so its
     own ``total-time`` ends long before the last page: the total here runs from
     ``migrate`` to the pull's last fill, and the latency rows come from the
     pull's per-fault log (fault record read → page filled, the same span as
@@ -441,6 +442,18 @@ class UmemMode(Mode):
         await load_module(ctx.topo)
         await side.start_pull(latency_log=True)
         side.start_serve()
+
+    async def before_incoming(self, ctx: RunContext) -> None:
+        assert ctx.src is not None
+        caps = [{"capability": c, "state": True} for c in ("events", "pause-before-switchover")]
+        await ctx.src.cmd("migrate-set-capabilities", capabilities=caps)
+
+    async def switch_over(self, ctx: RunContext) -> None:
+        """As ``umemd migrate`` does: ``migrate-continue`` once the pull says the page server released."""
+        assert ctx.src is not None
+        await ctx.src.wait_migration({"pre-switchover"}, ctx.settings.migrate_timeout)
+        await first_status(self._side(ctx).status, 120, lambda doc: bool(doc["source_released"]))
+        await ctx.src.cmd("migrate-continue", state="pre-switchover")
 
     async def after_completed(self, ctx: RunContext) -> None:
         rc = await self._side(ctx).wait_pull(ctx.settings.migrate_timeout)
