@@ -57,6 +57,7 @@ from umemd.transport import Dialer, Link
 
 log = logging.getLogger(__name__)
 
+ABORT_SEND_WAIT = 2.0  # seconds an abort waits to tell each link
 ZERO_RUN_MIN = 4  # zero pages in a row, inside data, sent as a ZERO hint rather than as data
 
 
@@ -100,9 +101,9 @@ class PageServer:
         log.error("migration aborted: %s; serving nothing more", reason)
         with self._lock:
             links = list(self._links)
-        for link in links:
-            with contextlib.suppress(OSError):
-                link.send(link.conn.error_frame(ErrorCode.ABORTED, f"the source aborted the migration: {reason}"))
+        for link in links:  # a last word each, not waiting long on a peer that does not read
+            link.try_send(link.conn.error_frame(ErrorCode.ABORTED, f"the source aborted the migration: {reason}"),
+                          ABORT_SEND_WAIT)
             link.shutdown()
         self._give_up(MigrationAbortedError(f"the migration was aborted: {reason}; the destination refuses "
                                             "this instance, and a retry needs a new --migration-id"))

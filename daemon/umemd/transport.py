@@ -89,6 +89,19 @@ class Link:
         with self._send_lock:
             self._send(parts)
 
+    def try_send(self, data: bytes, wait: float) -> bool:
+        """Send ``data`` unless another thread's send holds the link for ``wait`` seconds
+        (a peer that stopped reading); whether it was sent. For a last word, e.g. an abort."""
+        if not self._send_lock.acquire(timeout=wait):
+            return False
+        try:
+            self._send((data,))
+            return True
+        except OSError:
+            return False
+        finally:
+            self._send_lock.release()
+
     def _send(self, parts: tuple[bytes | memoryview, ...]) -> None:
         if isinstance(self.sock, ssl.SSLSocket):  # no sendmsg over TLS
             for part in parts:
