@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -147,6 +148,27 @@ TRANSITIONS: dict[tuple[State, FrameType], State] = {
 }
 LIVE = (State.READY, State.RELEASED)
 
+class PushPhase(enum.Enum):
+    """Where the push channel is, the same on both sides (frames of either direction move it)."""
+
+    COVER = "the destination is saying which pages it has (HAVE, in order from page 0)"
+    PUSHING = "the source is pushing the pages not covered"
+    DONE = "the source has pushed everything (DONE)"
+    COMPLETE = "the destination has every page (COMPLETE)"
+
+
+# (push phase, push frame) -> next phase. HAVE moves COVER on to PUSHING once
+# its runs, in order from page 0, have covered every page (see _cover). After
+# COMPLETE the pages the source had on the wire may still arrive.
+PUSH_TRANSITIONS: dict[tuple[PushPhase, FrameType], PushPhase] = {
+    (PushPhase.COVER, FrameType.HAVE): PushPhase.COVER,
+    **{(PushPhase.PUSHING, t): PushPhase.PUSHING for t in (FrameType.PAGES, FrameType.ZERO)},
+    (PushPhase.PUSHING, FrameType.DONE): PushPhase.DONE,
+    **{(p, FrameType.COMPLETE): PushPhase.COMPLETE for p in (PushPhase.PUSHING, PushPhase.DONE)},
+    **{(PushPhase.COMPLETE, t): PushPhase.COMPLETE for t in (FrameType.PAGES, FrameType.ZERO, FrameType.DONE)},
+}
+PUSH_FRAMES = frozenset(kind for _, kind in PUSH_TRANSITIONS)
+
 # What each side may receive in READY, by (our role, channel).
 ACCEPTS: dict[tuple[Role, Channel], frozenset[FrameType]] = {
     (Role.SOURCE, Channel.DEMAND): frozenset({FrameType.REQUEST, FrameType.ERROR}),
@@ -248,6 +270,10 @@ def auth_tag(key: bytes, sender: Role, channel: Channel, sender_nonce: bytes, re
     return hmac.new(key, message, hashlib.sha256).digest()
 
 
+def _our_bug(reason: str) -> NoReturn:
+    raise LocalProtocolError(reason)
+
+
 def frame(kind: FrameType, payload: bytes = b"") -> bytes:
     return HEADER.pack(kind, 0, 0, len(payload)) + payload
 
@@ -275,6 +301,8 @@ class Connection:
         self._end = 0  # end of received bytes
         self._eof = False
         self.features = 0  # negotiated at the peer's HELLO
+        self.push_phase = PushPhase.COVER if channel is Channel.PUSH else None
+        self._covered = 0  # pages the HAVE runs have covered so far
         self._outgoing = bytearray(frame(FrameType.HELLO, HELLO.pack(MAGIC, VERSION, role, channel, OFFERED_FEATURES,
                                                                     self._nonce, migration_id)))
 
@@ -325,6 +353,8 @@ class Connection:
         payload = memoryview(self._buffer)[self._start + HEADER.size:self._start + HEADER.size + length]
         self._start += HEADER.size + length
         self.state = self._transition(kind)
+        if self.push_phase is not None and kind in PUSH_FRAMES:
+            self.push_phase = self._push_step(kind, self._fail)
         return self._handle(kind, payload)  # a bad payload moves to ERROR
 
     def _eof_event(self, available: int) -> Event | None:
@@ -353,6 +383,23 @@ class Connection:
             self._fail(f"{kind.name} is not allowed from a {self.peer_role.name.lower()} "
                        f"on the {self.channel.name.lower()} channel while {self.state.value}{before}")
         return next_state
+
+    def _push_step(self, kind: FrameType, fail: Callable[[str], NoReturn]) -> PushPhase:
+        assert self.push_phase is not None
+        phase = PUSH_TRANSITIONS.get((self.push_phase, kind))
+        if phase is None:
+            fail(f"{kind.name} is not allowed on the push channel while {self.push_phase.value}")
+        return phase
+
+    def _cover(self, first: int, count: int, fail: Callable[[str], NoReturn]) -> None:
+        """One HAVE run: it must start where the last one ended; the last one ends the cover."""
+        if self.ram_size is None:
+            fail("HAVE before INFO")
+        if first != self._covered:
+            fail(f"HAVE from page {first}, expected page {self._covered} (runs go in order from page 0)")
+        self._covered += count
+        if self._covered == self.ram_size // PAGE_SIZE:
+            self.push_phase = PushPhase.PUSHING
 
     def _fail(self, reason: str) -> NoReturn:
         self.state = State.ERROR
@@ -473,6 +520,7 @@ class Connection:
         if reserved or not 1 <= count <= MAX_HAVE_PAGES or len(payload) != HAVE.size + (count + 7) // 8:
             self._fail(f"HAVE of {count} pages in {len(payload)} bytes")
         self._check_run(first * PAGE_SIZE, count, FrameType.HAVE)
+        self._cover(first, count, self._fail)
         return Have(first, count, bytes(payload[HAVE.size:]))
 
     def _check_run(self, offset: int, count: int, kind: FrameType) -> None:
@@ -496,9 +544,13 @@ class Connection:
         if kind not in ACCEPTS[self.peer_role, self.channel]:
             raise LocalProtocolError(f"a {self.role.name.lower()} does not send {kind.name} "
                                      f"on the {self.channel.name.lower()} channel")
+        if self.push_phase is not None and kind in PUSH_FRAMES:
+            self.push_phase = self._push_step(kind, _our_bug)
 
     def send_info(self, ram_size: int) -> bytes:
+        """INFO; from then on what the peer sends is bounded by ``ram_size`` here too."""
         self._require_ready(FrameType.INFO)
+        self.ram_size = ram_size
         return frame(FrameType.INFO, INFO.pack(ram_size, PAGE_SIZE, 0))
 
     def send_request(self, offsets: list[int]) -> bytes:
@@ -526,6 +578,7 @@ class Connection:
         self._require_ready(FrameType.HAVE)
         if not 1 <= count <= MAX_HAVE_PAGES or len(bitmap) != (count + 7) // 8:
             raise LocalProtocolError(f"HAVE of {count} pages with a {len(bitmap)}-byte bitmap")
+        self._cover(first, count, _our_bug)
         return frame(FrameType.HAVE, HAVE.pack(first, count, 0) + bitmap)
 
     def send_done(self, pages: int, zeros: int) -> bytes:

@@ -16,6 +16,7 @@ from umemd.protocol import (
     Authenticated,
     Channel,
     Closed,
+    Complete,
     Connection,
     Done,
     ErrorCode,
@@ -25,6 +26,7 @@ from umemd.protocol import (
     Info,
     Pages,
     PeerError,
+    PushPhase,
     Released,
     Request,
     Role,
@@ -59,6 +61,18 @@ def connected(channel: Channel = Channel.DEMAND, *, release: bool = True) -> tup
     if release:
         assert events(dst, src.send_released()) == [Released()]
         assert src.state is State.RELEASED and dst.state is State.RELEASED
+    return src, dst
+
+
+PAGES = RAM // PAGE_SIZE
+
+
+def pushing() -> tuple[Connection, Connection]:
+    """A push channel past INFO and a HAVE that covers every page (none present)."""
+    src, dst = connected(Channel.PUSH)
+    assert events(dst, src.send_info(RAM)) == [Info(RAM, PAGE_SIZE)]
+    assert events(src, dst.send_have(0, bytes(PAGES // 8), PAGES)) == [Have(0, PAGES, bytes(PAGES // 8))]
+    assert src.push_phase is PushPhase.PUSHING and dst.push_phase is PushPhase.PUSHING
     return src, dst
 
 
@@ -164,10 +178,57 @@ def test_requests_are_split_into_bounded_frames() -> None:
 def test_push_round_trip() -> None:
     src, dst = connected(Channel.PUSH)
     events(dst, src.send_info(RAM))
-    assert events(src, dst.send_have(8, b"\x05\x01", 10)) == [Have(8, 10, b"\x05\x01")]
-    assert Have(8, 10, b"\x05\x01").present() == [8, 10, 16]
+    bitmap = b"\x05\x01" + bytes(6)
+    assert events(src, dst.send_have(0, bitmap[:4], 32)) == [Have(0, 32, bitmap[:4])]
+    assert src.push_phase is PushPhase.COVER, "half the pages covered"
+    assert events(src, dst.send_have(32, bitmap[4:], 32)) == [Have(32, 32, bitmap[4:])]
+    assert Have(0, 64, bitmap).present() == [0, 2, 8]
+    assert src.push_phase is PushPhase.PUSHING
     assert events(dst, src.send_done(60, 4)) == [Done(60, 4)]
+    assert src.push_phase is PushPhase.DONE and dst.push_phase is PushPhase.DONE
+    assert events(src, dst.send_complete()) == [Complete()]
+    assert src.push_phase is PushPhase.COMPLETE
     assert events(dst, b"") == [Closed()] and dst.state is State.CLOSED
+
+
+def test_the_cover_goes_in_order_from_page_0() -> None:
+    src, dst = connected(Channel.PUSH)
+    events(dst, src.send_info(RAM))
+    with pytest.raises(LocalProtocolError, match="HAVE from page 8, expected page 0"):
+        dst.send_have(8, b"\x00", 8)
+    with pytest.raises(RemoteProtocolError, match="HAVE from page 8, expected page 0"):
+        events(src, frame(FrameType.HAVE, struct.pack("!QII", 8, 8, 0) + b"\x00"))
+
+
+@pytest.mark.parametrize(
+    ("before", "frame_of", "message"),
+    [
+        ([], lambda s: s.send_zero(0, 1), "ZERO is not allowed on the push channel while the destination is saying"),
+        (["done"], lambda s: s.send_pages_header(0, 1) + bytes(PAGE_SIZE), "PAGES is not allowed"),
+        (["done"], lambda s: s.send_done(1, 0), "DONE is not allowed"),
+    ],
+    ids=["pages-before-the-cover", "pages-after-done", "done-twice"],
+)
+def test_push_frames_out_of_phase_are_refused(before: list[str], frame_of, message: str) -> None:  # type: ignore[no-untyped-def]
+    if before:
+        src, dst = pushing()
+        events(dst, src.send_done(0, 0))
+    else:
+        src, dst = connected(Channel.PUSH)
+        events(dst, src.send_info(RAM))
+    with pytest.raises(LocalProtocolError, match=message.split(" while")[0]):
+        frame_of(src)  # the source's codec will not send it
+    forged = Connection(Role.SOURCE, Channel.PUSH, KEY, MIGRATION)  # a source whose phase allows it
+    forged.state, forged.push_phase, forged.ram_size = State.RELEASED, PushPhase.PUSHING, RAM
+    with pytest.raises(RemoteProtocolError, match=message):
+        events(dst, frame_of(forged))
+
+
+def test_complete_comes_only_after_the_cover() -> None:
+    src, dst = connected(Channel.PUSH)
+    events(dst, src.send_info(RAM))
+    with pytest.raises(LocalProtocolError, match="COMPLETE is not allowed"):
+        dst.send_complete()
 
 
 @pytest.mark.parametrize(
@@ -188,8 +249,7 @@ def test_push_round_trip() -> None:
          "short-run", "short-done"],
 )
 def test_malformed_frames_put_the_connection_in_error(build, message: str) -> None:  # type: ignore[no-untyped-def]
-    src, dst = connected(Channel.PUSH)
-    events(dst, src.send_info(RAM))
+    src, dst = pushing()
     with pytest.raises(RemoteProtocolError, match=message):
         events(dst, build(src, dst))
     assert dst.state is State.ERROR
@@ -254,8 +314,8 @@ def test_random_bytes_only_ever_raise_remote_protocol_errors(data: bytes) -> Non
 @settings(deadline=None, max_examples=100)
 @given(st.lists(st.integers(min_value=1, max_value=9000), min_size=1, max_size=20))
 def test_any_split_of_a_stream_gives_the_same_events(cuts: list[int]) -> None:
-    src, dst = connected(Channel.PUSH)
-    stream = (src.send_info(RAM) + src.send_pages_header(PAGE_SIZE, 3) + bytes([7]) * 3 * PAGE_SIZE
+    src, dst = pushing()
+    stream = (src.send_pages_header(PAGE_SIZE, 3) + bytes([7]) * 3 * PAGE_SIZE
               + src.send_zero(0, 1) + src.send_done(3, 1))
     got: list[object] = []
     position = 0
@@ -268,15 +328,14 @@ def test_any_split_of_a_stream_gives_the_same_events(cuts: list[int]) -> None:
     if position < len(stream):
         got += [(type(e).__name__, bytes(e.data) if isinstance(e, Pages) else e)
                 for e in events(dst, stream[position:])]
-    assert [name for name, _ in got] == ["Info", "Pages", "Zero", "Done"]
-    assert got[1][1] == bytes([7]) * 3 * PAGE_SIZE
+    assert [name for name, _ in got] == ["Pages", "Zero", "Done"]
+    assert got[0][1] == bytes([7]) * 3 * PAGE_SIZE
 
 
 @settings(deadline=None, max_examples=200)
 @given(st.integers(min_value=0, max_value=len(frame(FrameType.ZERO, bytes(16))) - 1), st.integers(0, 255))
 def test_any_corrupted_byte_is_caught_or_harmless(position: int, value: int) -> None:
-    src, dst = connected(Channel.PUSH)
-    events(dst, src.send_info(RAM))
+    src, dst = pushing()
     data = bytearray(src.send_zero(PAGE_SIZE, 2))
     data[position] = value
     try:
