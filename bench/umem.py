@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,6 +270,16 @@ async def migrate_guest(topo: Topology, guest: GuestImage, settings: Settings, w
                         echo: bool = False, plot: Path | None = None) -> MigrationResult:
     """Boot the test guest on the host, start pull, the destination QEMU and serve, then run
     ``umemd migrate`` (its output echoed when ``echo``); ``inject`` runs beside it (fault injection)."""
+    async with booted_source(topo, guest, settings, workdir, name) as (side, src, guest_args):
+        return await _migrate_running(side, src, guest_args, settings, serve_args=serve_args, inject=inject,
+                                      echo=echo, plot=plot)
+
+
+@contextlib.asynccontextmanager
+async def booted_source(topo: Topology, guest: GuestImage, settings: Settings, workdir: Path,
+                        name: str) -> AsyncIterator[tuple[UmemSide, HostVm, list[str]]]:
+    """The test guest running on the host (verified once), its umem side and its guest arguments;
+    the daemons are stopped and their logs saved at the end."""
     side = UmemSide(topo, workdir, name, parse_size(settings.ram))
     guest_args = workload_args(guest, settings)
     await load_module(topo)
@@ -277,8 +287,7 @@ async def migrate_guest(topo: Topology, guest: GuestImage, settings: Settings, w
         async with HostVm(workdir, "src", [*guest_args, *side.source_args()]) as src:
             await src.wait_serial(lambda log: len(log.verifies) >= 1, settings.boot_timeout,
                                   "the source guest's first verification pass")
-            return await _migrate_running(side, src, guest_args, settings, serve_args=serve_args, inject=inject,
-                                          echo=echo, plot=plot)
+            yield side, src, guest_args
     finally:
         await side.stop()
 
@@ -325,19 +334,11 @@ async def cancelled_then_retried(topo: Topology, guest: GuestImage, settings: Se
                                  name: str = "vm0") -> tuple[CancelledAttempt, MigrationResult]:
     """A migration cancelled in pre-switchover, after the page server released (the source guest
     runs on), then retried from the same running guest as a new migration: a new id, a fresh pull."""
-    side = UmemSide(topo, workdir, name, parse_size(settings.ram))
-    guest_args = workload_args(guest, settings)
-    await load_module(topo)
-    try:
-        async with HostVm(workdir, "src", [*guest_args, *side.source_args()]) as src:
-            await src.wait_serial(lambda log: len(log.verifies) >= 1, settings.boot_timeout,
-                                  "the source guest's first verification pass")
-            cancelled = await _cancel_at_switchover(side, src, guest_args, settings)
-            await topo.agent.request("run", argv=[str(VENV_PYTHON), "-m", "umemd.cli", "destroy", name])
-            side.migration_id = secrets.token_hex(16)
-            return cancelled, await _migrate_running(side, src, guest_args, settings, attempt="-retry")
-    finally:
-        await side.stop()
+    async with booted_source(topo, guest, settings, workdir, name) as (side, src, guest_args):
+        cancelled = await _cancel_at_switchover(side, src, guest_args, settings)
+        await topo.agent.request("run", argv=[str(VENV_PYTHON), "-m", "umemd.cli", "destroy", name])
+        side.migration_id = secrets.token_hex(16)
+        return cancelled, await _migrate_running(side, src, guest_args, settings, attempt="-retry")
 
 
 async def _cancel_at_switchover(side: UmemSide, src: HostVm, guest_args: list[str],
