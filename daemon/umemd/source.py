@@ -189,7 +189,9 @@ class PageServer:
     def _serve_push(self, link: Link) -> None:
         sent = bytearray(self.ram.pages)
         backlog: collections.deque[Event] = collections.deque()
-        while link.conn.push_phase is PushPhase.COVER:  # the codec checks the HAVE runs' order
+        # The codec checks the HAVE runs' order and ends the cover as it parses the last one,
+        # so events parsed with it (that HAVE, a COMPLETE behind it) are still in the backlog.
+        while link.conn.push_phase is PushPhase.COVER or (backlog and isinstance(backlog[0], Have)):
             event = backlog.popleft() if backlog else None
             if event is None:
                 backlog.extend(link.receive())
@@ -197,9 +199,9 @@ class PageServer:
             if isinstance(event, PeerError | Closed):
                 self._log_end(link, event)
                 return
-            assert isinstance(event, Have)  # the only frame the codec lets through in COVER
-            sent[event.first:event.first + event.count] = _bits_to_bytes(event.bitmap, event.count)
-        link.pending[:0] = backlog  # what came with the last HAVE (a COMPLETE): read during the push
+            if isinstance(event, Have):
+                sent[event.first:event.first + event.count] = _bits_to_bytes(event.bitmap, event.count)
+        link.pending[:0] = backlog  # what came after the last HAVE (a COMPLETE): read during the push
         self.plan.cover(bytes(sent))
         log.info("push channel: the destination has %d pages; pushing the other %d",
                  self.ram.pages - sent.count(0), sent.count(0))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import cast
 
+from umemd.protocol import Channel, Connection, Role
 from umemd.ramfile import PAGE_SIZE, RamFile
 from umemd.session import SourceEvent, SourceGate
 from umemd.source import ZERO_RUN_MIN, PageServer, zero_split
-from umemd.transport import Dialer
+from umemd.transport import Dialer, Link
+
+KEY = bytes(range(32))
+MIGRATION = bytes(16)
 
 
 def test_zero_stretches_inside_data_travel_as_hints(tmp_path: Path) -> None:
@@ -41,3 +46,34 @@ def test_a_hole_written_before_the_release_is_sent_as_data(tmp_path: Path) -> No
     gate.handle(SourceEvent.PRE_SWITCHOVER)
     assert (40, 41, True) in server._runs(40, 41), "a page written before the release travels as a ZERO hint"
     ram.close()
+
+
+def test_the_last_have_of_the_cover_is_applied_and_a_complete_behind_it_ends_the_push(tmp_path: Path) -> None:
+    """A destination that has every page says so in its HAVE and sends COMPLETE in the same segment:
+    the source must take that HAVE (the codec ends the cover while parsing it) and stop at once."""
+    path = tmp_path / "ram"
+    path.write_bytes(b"\x01" * 16 * PAGE_SIZE)
+    ram = RamFile(path)
+    gate = SourceGate()
+    gate.handle(SourceEvent.OPERATOR_STOPPED)
+    server = PageServer(ram, cast(Dialer, None), gate)
+    ours, theirs = socket.socketpair()
+    src = Connection(Role.SOURCE, Channel.PUSH, KEY, MIGRATION)
+    dst = Connection(Role.DESTINATION, Channel.PUSH, KEY, MIGRATION)
+    feed(dst, src.data_to_send())
+    feed(src, dst.data_to_send())
+    feed(dst, src.data_to_send())
+    feed(dst, src.send_info(ram.size))
+    theirs.sendall(dst.send_have(0, b"\xff\xff", 16) + dst.send_complete())
+    server._serve_push(Link(ours, src, "test"))
+    assert server.complete.is_set()
+    assert server.stats.pushed_pages == 0, "the destination had every page"
+    ours.close()
+    theirs.close()
+    ram.close()
+
+
+def feed(conn: Connection, data: bytes) -> None:
+    conn.receive_data(data)
+    while conn.next_event() is not None:
+        pass
