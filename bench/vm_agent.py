@@ -7,7 +7,8 @@ that one connection: it starts and stops the destination QEMU of each run (and,
 later, any other destination-side process such as a umem daemon), answers
 clock probes, and hands back files (QEMU's trace log and stderr). When the
 connection closes the agent kills what it started and exits, so the test VM
-powers off.
+powers off (a connection that closes before its first request does not count:
+the agent accepts the next).
 
 Standard library only: the interpreter starts under TCG, imports are slow.
 
@@ -135,22 +136,38 @@ def stop(proc: subprocess.Popen[bytes], timeout: float) -> int:
 
 
 def serve(sock: socket.socket, agent: Agent) -> None:
-    conn, _ = sock.accept()
+    """Serve the host's connection. One that closes before its first request does not count (the
+    host gives up on a connect attempt that slirp accepted before anything listened here, and the
+    attempt may reach us late): accept the next."""
+    while agent.running:
+        conn, _ = sock.accept()
+        if serve_connection(conn, agent):
+            return
+
+
+def serve_connection(conn: socket.socket, agent: Agent) -> bool:
+    """Answer requests until the connection closes; whether it made any."""
+    served = False
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     with conn, conn.makefile("rwb") as f:
-        f.write(json.dumps({"agent": GREETING, "pid": os.getpid(),
-                            "workdir": str(agent.workdir)}).encode() + b"\n")
-        f.flush()
-        while agent.running:
-            line = f.readline()
-            if not line:
-                break
-            try:
-                reply = agent.handle(json.loads(line))
-            except Exception as e:  # report, keep serving
-                reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-            f.write(json.dumps(reply).encode() + b"\n")
+        try:
+            f.write(json.dumps({"agent": GREETING, "pid": os.getpid(),
+                                "workdir": str(agent.workdir)}).encode() + b"\n")
             f.flush()
+            while agent.running:
+                line = f.readline()
+                if not line:
+                    break
+                served = True
+                try:
+                    reply = agent.handle(json.loads(line))
+                except Exception as e:  # report, keep serving
+                    reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                f.write(json.dumps(reply).encode() + b"\n")
+                f.flush()
+        except OSError:
+            pass  # the host went away: it is gone for good if it had asked anything
+    return served
 
 
 def main(argv: list[str]) -> int:
