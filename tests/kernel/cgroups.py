@@ -26,8 +26,15 @@ class Cgroup:
         finally:
             (CGROUP_ROOT / "cgroup.procs").write_text(str(os.getpid()))
 
-    def memory_current(self) -> int:
-        return int((self.path / "memory.current").read_text())
+    def shmem_bytes(self) -> int:
+        """Shared memory charged here (memory.stat ``shmem``): guest RAM, not the process's own
+        anonymous memory, which khugepaged may charge to whatever cgroup the process is in when
+        it collapses a huge page."""
+        for line in (self.path / "memory.stat").read_text().splitlines():
+            key, value = line.split()
+            if key == "shmem":
+                return int(value)
+        raise AssertionError(f"no shmem line in {self.path}/memory.stat")
 
     def remove(self) -> None:
         self.path.rmdir()
