@@ -471,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="umemd %(threadName)s: %(message)s" if args.verbose else "umemd: %(message)s")
+    if not args.verbose:  # qemu.qmp narrates its connections at INFO ("Task.Reader: end-of-file")
+        logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
     try:
         status: int = args.func(args)
     except ModuleNotLoadedError as e:
