@@ -48,6 +48,7 @@ from qemu.qmp.message import Message
 
 from umemd.destination import PullState
 from umemd.errors import ConnectError, UmemError
+from umemd.qmpwatch import qmp_call
 from umemd.status import MAX_LINE
 from umemd.transport import Endpoint
 
@@ -117,11 +118,6 @@ class EventClock(EventListener):
         if name in self.names:
             self.arrived.setdefault(name, time.monotonic())
         return False
-
-
-async def qmp_call(qmp: QMPClient, command: str, args: dict[str, Any] | None = None) -> Any:
-    """``qmp.execute`` with its result as ``Any`` (QMP returns JSON)."""
-    return await qmp.execute(command, args)
 
 
 async def connect_qmp(name: str, address: QmpAddress, what: str) -> QMPClient:

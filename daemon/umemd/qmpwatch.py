@@ -86,8 +86,8 @@ async def _watch(socket_path: Path, gate: SourceGate, watching: threading.Event)
     client.register_listener(listener)
     migration = _MigrationStatus(gate)
     try:
-        running = bool((await _call(client, "query-status"))["running"])
-        migration.start(str((await _call(client, "query-migrate")).get("status", "none")), running)
+        running = bool((await qmp_call(client, "query-status"))["running"])
+        migration.start(await _migration_status(client), running)
         log.info("source QEMU at %s: guest %s, migration %s; %s", socket_path,
                  "running" if running else "paused", migration.last, gate.phase.value)
         watching.set()
@@ -95,7 +95,7 @@ async def _watch(socket_path: Path, gate: SourceGate, watching: threading.Event)
             with contextlib.suppress(TimeoutError):
                 _on_event(await asyncio.wait_for(listener.get(), POLL), gate, migration)
                 continue
-            migration.update(str((await _call(client, "query-migrate")).get("status", "none")))
+            migration.update(await _migration_status(client))
     except (QMPError, OSError, EOFError) as e:
         gate.handle(SourceEvent.QMP_LOST, str(e) or type(e).__name__)
     finally:
@@ -113,5 +113,10 @@ def _on_event(event: Any, gate: SourceGate, migration: _MigrationStatus) -> None
         gate.handle(RUN_EVENTS[name], name)
 
 
-async def _call(client: QMPClient, command: str) -> Any:
-    return await client.execute(command)
+async def qmp_call(qmp: QMPClient, command: str, args: dict[str, Any] | None = None) -> Any:
+    """``qmp.execute`` with its result as ``Any`` (QMP returns JSON)."""
+    return await qmp.execute(command, args)
+
+
+async def _migration_status(client: QMPClient) -> str:
+    return str((await qmp_call(client, "query-migrate")).get("status", "none"))
