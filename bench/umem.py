@@ -348,7 +348,10 @@ async def _cancel_at_switchover(side: UmemSide, src: HostVm, guest_args: list[st
     await side.start_pull()
     dst_args = ["-incoming", "defer", *guest_args, *side.destination_args()]
     async with side.topo.destination(f"dst-{side.name}-cancelled", dst_args, side.workdir) as dst:
-        serve = side.start_serve()
+        # The pull must still miss pages when the cancel comes: an uncapped push fills a small guest
+        # between the release and the cancel, and the pull would then rightly complete. Capped, a data
+        # page leaves every 4 s; zero hints are not capped.
+        serve = side.start_serve("--max-push-rate", "0.001")
         await first_status(side.status, 120, lambda doc: PullState(doc["state"]) is PullState.PULLING)
         caps = ("x-ignore-shared", "events", "pause-before-switchover")
         await src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps])

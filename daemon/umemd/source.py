@@ -89,6 +89,7 @@ class PageServer:
         self._extent_starts: list[int] = []
         self.plan = PushPlanner(ram.pages, prepage=prepage)
         self._links: set[Link] = set()  # the links open now, to tell of an abort
+        self._abort_told = threading.Event()  # an abort has told every link and set the failure
         self._lock = threading.Lock()
 
     def on_phase(self, phase: SourcePhase, reason: str) -> None:
@@ -100,22 +101,32 @@ class PageServer:
 
     def _abort(self, reason: str) -> None:
         log.error("migration aborted: %s; serving nothing more", reason)
+        error = MigrationAbortedError(f"the migration was aborted: {reason}; the destination refuses "
+                                      "this instance, and a retry needs a new --migration-id")
         with self._lock:
+            if self.failure is None:
+                self.failure = error
             links = list(self._links)
         for link in links:  # a last word each, not waiting long on a peer that does not read
             link.try_send(link.conn.error_frame(ErrorCode.ABORTED, f"the source aborted the migration: {reason}"),
                           ABORT_SEND_WAIT)
             link.shutdown()
-        self._give_up(MigrationAbortedError(f"the migration was aborted: {reason}; the destination refuses "
-                                            "this instance, and a retry needs a new --migration-id"))
+        self._abort_told.set()
+        self._over.set()
 
     def run(self) -> int:
-        """Serve until the destination has every page; 0 then."""
+        """Serve until the destination has every page; 0 then.
+
+        An abort wins over a COMPLETE that races it: once the gate has
+        aborted, serve ends with the abort (after telling the links), even if
+        the destination said it has every page meanwhile."""
         threads = [threading.Thread(target=self._channel_loop, args=(channel,), name=f"umemd-{channel.name.lower()}",
                                     daemon=True) for channel in Channel]
         for t in threads:
             t.start()
         self._over.wait()
+        if self.gate.aborted:
+            self._abort_told.wait()  # the gate's callback is on its way: at most ABORT_SEND_WAIT per link
         if self.failure is not None:
             raise self.failure
         log.info("destination has every page: %d sent on demand, %d pushed, %d as zero hints",
@@ -214,7 +225,7 @@ class PageServer:
             end = next((e for e in link.events() if isinstance(e, Complete | PeerError | Closed)), Closed())
         else:
             log.info("push stream stopped after %d pages: the destination needs no more", pushed)
-        if isinstance(end, Complete):
+        if isinstance(end, Complete) and not self.gate.aborted:  # else the abort ends the server
             self.complete.set()
             self._over.set()
         else:

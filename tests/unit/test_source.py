@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 from pathlib import Path
 from typing import cast
 
-from umemd.protocol import Channel, Connection, Role
+from umemd.errors import ConnectError, MigrationAbortedError
+from umemd.protocol import Channel, Connection, Info, Released, Role
 from umemd.ramfile import PAGE_SIZE, RamFile
-from umemd.session import SourceEvent, SourceGate
+from umemd.session import SourceEvent, SourceGate, SourcePhase
 from umemd.source import ZERO_RUN_MIN, PageServer, zero_split
 from umemd.transport import Dialer, Link
 
@@ -71,6 +74,76 @@ def test_the_last_have_of_the_cover_is_applied_and_a_complete_behind_it_ends_the
     ours.close()
     theirs.close()
     ram.close()
+
+
+class OneLinkDialer:
+    """Hands out one handshaken push link, then refuses (no demand link at all)."""
+
+    def __init__(self, link: Link) -> None:
+        self._link: Link | None = link
+
+    def link(self, channel: Channel) -> Link:
+        if channel is Channel.PUSH and self._link is not None:
+            link, self._link = self._link, None
+            return link
+        raise ConnectError("no more links in this test")
+
+
+def test_an_abort_racing_the_destinations_complete_ends_serve_with_the_abort(tmp_path: Path) -> None:
+    """The source guest resumes (the gate aborts) while the destination's COMPLETE arrives on the
+    push channel, before the abort's callback has run: serve must end with the abort, never with
+    "the destination has every page" (seen in CI: serve exit 0 after "migration aborted")."""
+    path = tmp_path / "ram"
+    path.write_bytes(b"\x01" * 16 * PAGE_SIZE)
+    ram = RamFile(path)
+    ours, theirs = socket.socketpair()
+    src = Connection(Role.SOURCE, Channel.PUSH, KEY, MIGRATION)
+    dst = Connection(Role.DESTINATION, Channel.PUSH, KEY, MIGRATION)
+    feed(dst, src.data_to_send())
+    feed(src, dst.data_to_send())
+    feed(dst, src.data_to_send())
+
+    def abort_after_the_complete_is_handled(phase: SourcePhase, reason: str) -> None:
+        theirs.sendall(dst.send_complete())
+        with contextlib.suppress(ConnectionResetError):  # the source closes the push link once it has
+            while theirs.recv(1 << 16):  # handled COMPLETE
+                pass
+        server.on_phase(phase, reason)
+
+    gate = SourceGate(lambda phase, reason: abort_after_the_complete_is_handled(phase, reason)
+                      if phase is SourcePhase.ABORTED else server.on_phase(phase, reason))
+    server = PageServer(ram, cast(Dialer, OneLinkDialer(Link(ours, src, "test"))), gate, push_rate=1.0)
+    outcome: list[BaseException | int] = []
+
+    def run() -> None:
+        try:
+            outcome.append(server.run())
+        except BaseException as e:  # the outcome is the test's
+            outcome.append(e)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    while not any(isinstance(e, Info) for e in received(dst, theirs)):
+        pass
+    theirs.sendall(dst.send_have(0, b"\x00\x00", 16))
+    gate.handle(SourceEvent.PRE_SWITCHOVER)
+    while not any(isinstance(e, Released) for e in received(dst, theirs)):
+        pass
+    gate.handle(SourceEvent.RESUMED)
+    runner.join()
+    assert isinstance(outcome[0], MigrationAbortedError), f"serve ended with {outcome[0]!r}, not the abort"
+    assert not server.complete.is_set(), "an aborted server says the destination has every page"
+    ours.close()
+    theirs.close()
+    ram.close()
+
+
+def received(conn: Connection, sock: socket.socket) -> list[object]:
+    conn.receive_data(sock.recv(1 << 16))
+    events = []
+    while (event := conn.next_event()) is not None:
+        events.append(event)
+    return events
 
 
 def feed(conn: Connection, data: bytes) -> None:
