@@ -225,9 +225,10 @@ class PageServer:
             end = next((e for e in link.events() if isinstance(e, Complete | PeerError | Closed)), Closed())
         else:
             log.info("push stream stopped after %d pages: the destination needs no more", pushed)
-        if isinstance(end, Complete) and not self.gate.aborted:  # else the abort ends the server
-            self.complete.set()
-            self._over.set()
+        if isinstance(end, Complete):
+            if not self.gate.aborted:  # else the abort ends the server, with its error
+                self.complete.set()
+                self._over.set()
         else:
             self._log_end(link, end)
 
