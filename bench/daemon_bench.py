@@ -441,6 +441,7 @@ def bench_main(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     source, key = work / "guest-ram", work / "key"
     key.write_text(os.urandom(32).hex() + "\n")
+    key.chmod(0o600)  # umemd refuses a key others can read
     began = time.time()
     t0 = time.monotonic()
     make_source(source, args.size_mib * MIB)
@@ -514,6 +515,7 @@ def profile_main(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     source, key = work / "guest-ram", work / "key"
     key.write_text(os.urandom(32).hex() + "\n")
+    key.chmod(0o600)  # umemd refuses a key others can read
     make_source(source, args.size_mib * MIB)
     push = Bench(source, key, profile="push").push(netns=False)
     print(f"push under py-spy: {push['mib_per_s']:.0f} MiB/s", flush=True)

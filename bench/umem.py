@@ -85,6 +85,7 @@ class UmemSide:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.key = self.workdir / "umem.key"
         self.key.write_text(secrets.token_hex(32) + "\n")
+        self.key.chmod(0o600)  # umemd refuses a key others can read
         self.migration_id = secrets.token_hex(16)
         self.ram_file = Path("/dev/shm") / f"umem-{self.name}-{os.getpid()}"
 

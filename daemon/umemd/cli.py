@@ -1,7 +1,8 @@
 """The umemd command line: serve, pull, migrate, keygen, list, stats, destroy.
 
 Exit codes: 0 success, 1 an operation failed (the message says what and
-how to fix it), 2 bad usage, 3 the umem module is not loaded.
+how to fix it), 2 bad usage, 3 the umem module is not loaded, 4 the pull
+lost its page server for longer than --source-timeout (the instance stays).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from umemd.destination import Puller, PullState, open_instance
-from umemd.device import CONTROL_PATH, Control, NodeOwner, node_path, read_counters
-from umemd.errors import MigrationAbortedError, ModuleNotLoadedError, UmemError
+from umemd.device import CONTROL_PATH, Control, NodeOwner, Server, node_path, read_counters
+from umemd.errors import DeviceError, MigrationAbortedError, ModuleNotLoadedError, SourceLostError, UmemError
 from umemd.planner import PREPAGE
 from umemd.priority import short_gil_slices
 from umemd.protocol import MIGRATION_ID_SIZE, Role
@@ -32,13 +33,15 @@ from umemd.session import SourceEvent, SourceGate
 from umemd.source import PageServer
 from umemd.stats import PullStats
 from umemd.status import StatusServer
-from umemd.transport import Dialer, Endpoint, TlsFiles
+from umemd.transport import PEER_TIMEOUT, Dialer, Endpoint, TlsFiles
 
 log = logging.getLogger("umemd")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_MODULE = 3
+EXIT_SOURCE_LOST = 4
+SOURCE_TIMEOUT = 600.0  # default --source-timeout
 
 DESCRIPTION = """\
 umemd moves a guest's RAM after a post-copy live migration. On the
@@ -64,6 +67,8 @@ exit status:
   {EXIT_FAILED}  the operation failed; the message names the problem and the fix
   {EXIT_USAGE}  bad usage
   {EXIT_NO_MODULE}  {CONTROL_PATH} does not exist: load the module (insmod kernel/umem.ko)
+  {EXIT_SOURCE_LOST}  pull: no page server for --source-timeout seconds; the instance stays (restart
+     umemd serve, then umemd pull: it attaches)
 
 See docs/kernel-abi.md for the device and docs/ for the rest.
 """
@@ -138,17 +143,38 @@ def node_owner(args: argparse.Namespace) -> NodeOwner:
 
 
 def read_key(path: Path) -> bytes:
+    """The hex key ``umemd keygen`` writes, from a file only its owner can read."""
     try:
+        mode = path.stat().st_mode
         raw = path.read_bytes().strip()
     except OSError as e:
         raise UmemError(f"cannot read the key file {path}: {e.strerror} (make one with umemd keygen FILE)") from e
+    if mode & 0o077:
+        raise UmemError(f"the key file {path} is readable or writable by group or others (mode {mode & 0o777:04o}): "
+                        f"chmod 600 {path}")
     try:
         key = bytes.fromhex(raw.decode())
     except (UnicodeDecodeError, ValueError):
-        key = raw
+        raise UmemError(f"the key file {path} does not hold a hex key: make one with umemd keygen FILE") from None
     if len(key) < 32:
         raise UmemError(f"the key in {path} is {len(key)} bytes; at least 32 are needed (umemd keygen FILE)")
     return key
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
 
 
 def parse_migration_id(text: str) -> bytes:
@@ -162,12 +188,25 @@ def parse_migration_id(text: str) -> bytes:
     return raw
 
 
+def tls_files(args: argparse.Namespace) -> TlsFiles | None:
+    if not args.tls_cert:
+        if args.tls_key or args.tls_ca or args.tls_peer_cert or args.tls_name:
+            raise UmemError("TLS options without --tls-cert: give --tls-cert and --tls-key too")
+        return None
+    if not args.tls_key:
+        raise UmemError("--tls-cert needs --tls-key (the certificate's private key)")
+    if args.listen and args.tls_ca and not args.tls_name:
+        raise UmemError("a listening daemon with --tls-ca needs --tls-name: the name on the peer's certificate "
+                        "(or pin it with --tls-peer-cert)")
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_ca, args.tls_name, args.tls_peer_cert)
+
+
 def dialer_for(args: argparse.Namespace, role: Role, stop: threading.Event) -> Dialer:
-    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    tls = tls_files(args)
     endpoint = args.listen or args.connect
     try:
         return Dialer(role, read_key(args.key_file), args.migration_id, endpoint, listen=args.listen is not None,
-                      tls=tls, stop=stop)
+                      tls=tls, stop=stop, peer_timeout=args.peer_timeout)
     except OSError as e:
         raise UmemError(f"cannot listen on {endpoint}: {e.strerror or e}") from e
 
@@ -179,7 +218,13 @@ def cmd_migration_id(args: argparse.Namespace) -> int:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     path: Path = args.file
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UmemError(f"{path} exists: keygen never overwrites a key (remove it first, or pick another "
+                        "name)") from None
+    except OSError as e:
+        raise UmemError(f"cannot create the key file {path}: {e.strerror}") from e
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32) + "\n")
     log.info("wrote a new key to %s (mode 0600): copy it to the other host", path)
@@ -216,7 +261,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     import asyncio
 
     from umemd.migrate import MigrateOptions, QmpAddress, migrate, summary, terminal_progress, write_plot
-    incoming = args.incoming or "tcp:0.0.0.0:" + args.uri.rpartition(":")[2]
+    incoming = args.incoming or args.uri  # listen exactly where the source connects, never on every interface
     opts = MigrateOptions(QmpAddress(args.src_qmp), QmpAddress(args.dst_qmp), args.dst_status, args.uri, incoming,
                           ready_timeout=args.ready_timeout, release_timeout=args.release_timeout,
                           timeout=args.timeout, keep_source=args.keep_source,
@@ -251,7 +296,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         if args.latency_log:
             stats.latency.keep_samples()
         dialer = dialer_for(args, Role.DESTINATION, stop)
-        puller = Puller(control, server, dialer, stats)
+        puller = Puller(control, server, dialer, stats, source_timeout=args.source_timeout or None)
         status = StatusServer(args.status, lambda: status_line(puller, puller.state)) if args.status else None
         progress = Progress(puller, sys.stderr.isatty() and not args.quiet)
         progress.start()
@@ -265,11 +310,14 @@ def cmd_pull(args: argparse.Namespace) -> int:
         except MigrationAbortedError:
             state = PullState.ABORTED
             raise
+        except SourceLostError:
+            state = PullState.SOURCE_LOST
+            raise
         finally:
             progress.stop()
             stop.set()
             dialer.close()
-            present = server.stats().present
+            present = _present(server)
             if status:
                 status.finish(status_line(puller, state, present))
             if args.report:
@@ -281,13 +329,21 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _present(server: Server) -> int:
+    """Pages present, or -1 if the instance cannot say (e.g. its device failed)."""
+    try:
+        return server.stats().present
+    except DeviceError:
+        return -1
+
+
 def status_line(puller: Puller, state: PullState, present: int | None = None) -> dict[str, object]:
     """One line of the status endpoint (umemd.status)."""
     if present is None:
-        present = puller.present()
+        present = _present(puller.server)
     return {"time": time.time(), "name": puller.server.name, "node": str(node_path(puller.server.name)),
             "migration_id": puller.server.tag.hex(), "state": state.value, "source_released": puller.source_released,
-            **puller.stats.report(present)}
+            "source_lost_since": puller.source_lost_since, **puller.stats.report(present)}
 
 
 class Progress(threading.Thread):
@@ -327,9 +383,20 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
                    help="which migration this is: the same 32 hex digits on both daemons, new for every "
                    "migration and every retry (umemd migration-id prints one); a peer, or a leftover instance, "
                    "of another migration is refused")
-    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="use TLS with this certificate (and --tls-key)")
+    p.add_argument("--peer-timeout", type=positive_seconds, default=PEER_TIMEOUT, metavar="SECONDS",
+                   help="a connection that brings nothing for this long is lost (keepalives flow while idle), "
+                   f"and so is a whole handshake that takes longer (default {PEER_TIMEOUT:g})")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM",
+                   help="use TLS with this certificate (and --tls-key); the peer is verified by --tls-ca and "
+                   "--tls-name, or by --tls-peer-cert. Without TLS, every frame carries a MAC under the key "
+                   "(integrity) but pages travel in the clear: use TLS on networks you do not trust")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="the private key of --tls-cert")
-    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="verify the peer's certificate against this CA")
+    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="accept a peer certificate signed by this CA ...")
+    p.add_argument("--tls-name", metavar="NAME",
+                   help="... and carrying this name (DNS or IP subject alternative name; default on the "
+                   "connecting side: the host of --connect; required on the listening side)")
+    p.add_argument("--tls-peer-cert", type=Path, metavar="PEM",
+                   help="accept exactly this peer certificate (pinned; instead of --tls-ca)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve progress as JSON lines to whoever connects here, every 0.25 s and a last line "
                    "at the end (umemd migrate --dst-status reads it; read-only, but bind it to a trusted "
                    "network)")
+    p.add_argument("--source-timeout", type=float, default=SOURCE_TIMEOUT, metavar="SECONDS",
+                   help="exit with status 4 after this long without a page server (counted from the start "
+                   f"and from each loss), leaving the instance for a restarted pull to attach to "
+                   f"(default {SOURCE_TIMEOUT:g}; 0: wait for ever)")
     p.add_argument("--quiet", action="store_true", help="no progress line on a terminal")
     p.set_defaults(func=cmd_pull)
 
@@ -388,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--guest-stopped-for-good", action="store_true",
                       help="serve at once without QMP: you state that the source guest is stopped and will never "
                       "run again (its QEMU has quit, or RAMFILE is a copy)")
-    p.add_argument("--prepage", type=int, default=PREPAGE, metavar="N",
-                   help=f"pages sent with each demanded page, that page first (default {PREPAGE})")
+    p.add_argument("--prepage", type=positive_int, default=PREPAGE, metavar="N",
+                   help=f"pages sent for each demanded page, that page first (at least 1; default {PREPAGE})")
     p.add_argument("--max-push-rate", type=float, metavar="MIB/S",
                    help="cap the background push (default: as fast as the link goes; demand is never capped)")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="write what was sent here")
@@ -419,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", required=True, metavar="URI",
                    help="where the source sends the migration stream, e.g. tcp:DESTHOST:4444")
     p.add_argument("--incoming", metavar="URI",
-                   help="what the destination listens on (migrate-incoming; default tcp:0.0.0.0:PORT with "
-                   "--uri's port)")
+                   help="what the destination listens on (migrate-incoming; default: --uri itself; give "
+                   "the destination's own address when the source reaches it through NAT or a forward)")
     p.add_argument("--ready-timeout", type=float, default=30, metavar="SECONDS",
                    help="how long to wait for umemd pull's status endpoint to answer (default 30)")
     p.add_argument("--release-timeout", type=float, default=120, metavar="SECONDS",
@@ -478,6 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotLoadedError as e:
         log.error("%s", e)
         return EXIT_NO_MODULE
+    except SourceLostError as e:
+        log.error("%s", e)
+        return EXIT_SOURCE_LOST
     except (UmemError, OSError) as e:
         log.error("%s", e)
         return EXIT_FAILED

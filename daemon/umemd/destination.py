@@ -37,10 +37,12 @@ from pathlib import Path
 from umemd.device import Control, NodeOwner, Server
 from umemd.errors import (
     ConnectError,
+    DeviceError,
     InstanceExistsError,
     MigrationAbortedError,
     MigrationMismatchError,
     ProtocolError,
+    SourceLostError,
     UmemError,
 )
 from umemd.priority import favour_this_thread
@@ -78,16 +80,22 @@ class PullState(enum.Enum):
     COMPLETE = "complete"  # every page is present; the node is destroyed
     FAILED = "failed"  # the pull ended with an error
     ABORTED = "aborted"  # the source aborted the migration: this instance must not be used
+    SOURCE_LOST = "source_lost"  # no page server for --source-timeout: the instance stays, to attach to
 
 
 class Puller:
     """Pulls every page of one instance from its source."""
 
-    def __init__(self, control: Control, server: Server, dialer: Dialer, stats: PullStats) -> None:
+    def __init__(self, control: Control, server: Server, dialer: Dialer, stats: PullStats, *,
+                 source_timeout: float | None = None) -> None:
         self.control = control
         self.server = server
         self.dialer = dialer
         self.stats = stats
+        self.source_timeout = source_timeout  # None: wait for a page server for ever
+        self.source_lost_since: float | None = None  # wall clock of the last link's loss, while none is up
+        self._links_up = 0
+        self._no_source_since = time.monotonic()  # while no link is up (from the start on)
         self.done = threading.Event()
         self.failed: BaseException | None = None
         self._inflight: dict[int, float] = {}  # page offset -> when its fault was read
@@ -105,6 +113,7 @@ class Puller:
             t.start()
         while not self.done.wait(CHECK_INTERVAL):
             self._check_complete()
+            self._check_source()
         if self.failed:
             raise self.failed
         for t in threads:
@@ -115,6 +124,29 @@ class Puller:
 
     def present(self) -> int:
         return self.server.stats().present
+
+    def _check_source(self) -> None:
+        with self._lock:
+            silent = None if self._links_up else time.monotonic() - self._no_source_since
+        if silent is not None and self.source_timeout is not None and silent > self.source_timeout:
+            self.state = PullState.SOURCE_LOST
+            self.failed = SourceLostError(
+                f"no page server for {silent:.0f} s (--source-timeout {self.source_timeout:g}): "
+                f"instance {self.server.name!r} stays, {self.present()} of {self.server.pages} pages present; "
+                f"start umemd serve on the source again, then umemd pull again (it attaches)")
+            self.done.set()
+
+    def _link_up(self) -> None:
+        with self._lock:
+            self._links_up += 1
+            self.source_lost_since = None
+
+    def _link_down(self) -> None:
+        with self._lock:
+            self._links_up -= 1
+            if not self._links_up:
+                self._no_source_since = time.monotonic()
+                self.source_lost_since = time.time()
 
     def _check_complete(self) -> bool:
         if self.present() == self.server.pages:
@@ -139,15 +171,18 @@ class Puller:
                 for event in link.events():
                     if isinstance(event, Info):
                         if event.ram_size != self.server.size:
-                            link.send(link.conn.error_frame(ErrorCode.SIZE_MISMATCH, "RAM size differs"))
+                            link.send_frame(link.conn.error_frame, ErrorCode.SIZE_MISMATCH, "RAM size differs")
                             raise SizeMismatchError(
                                 f"the source serves {event.ram_size} bytes but instance {self.server.name!r} "
                                 f"has {self.server.size}: point umemd serve at this guest's RAM file")
                         self.state = PullState.PULLING
+                        self._link_up()
                         return link
                     if isinstance(event, PeerError):
                         self._check_abort(event)
                     break
+            except DeviceError:  # the instance itself failed (destroyed, ENOMEM...): no link fixes that
+                raise
             except (ProtocolError, OSError) as e:
                 log.warning("%s channel: %s", channel.name.lower(), e)
             link.close()
@@ -155,6 +190,7 @@ class Puller:
 
     def _link_ended(self, link: Link) -> None:
         link.close()
+        self._link_down()
         if not self.done.is_set():
             self.stats.reconnects += 1
             log.info("%s channel ended before every page was present: waiting for the source again",
@@ -167,6 +203,8 @@ class Puller:
         while (link := self._link(Channel.DEMAND)) is not None:
             try:
                 self._serve_faults(link)
+            except DeviceError:  # the instance itself failed (destroyed, ENOMEM...): no link fixes that
+                raise
             except (ProtocolError, OSError) as e:
                 log.warning("demand channel lost: %s; reconnecting", e)
             finally:
@@ -176,20 +214,21 @@ class Puller:
         with self._lock:
             pending = sorted(self._inflight)
         if pending:  # asked of a server that went away: ask this one
-            link.send(link.conn.send_request(pending))
+            link.send_frame(link.conn.send_request, pending)
         with selectors.DefaultSelector() as selector:
             selector.register(self.server.fileno(), selectors.EVENT_READ, "faults")
             selector.register(link.sock, selectors.EVENT_READ, "link")
             while not self.done.is_set():
-                ready = [] if link.pending else selector.select(CHECK_INTERVAL)
-                if link.pending and not self._receive(link):
+                ready = [] if link.buffered() else selector.select(CHECK_INTERVAL)
+                if link.buffered() and not self._receive(link):
                     return
                 for key, _ in ready:
                     if key.data == "faults":
                         self._request_faults(link)
                     elif not self._receive(link):
                         return
-                if not ready and not link.pending:
+                link.check_alive()
+                if not ready and not link.buffered():
                     self._request_stragglers(link)
 
     def _request_faults(self, link: Link) -> None:
@@ -203,7 +242,7 @@ class Puller:
                     new.append(fault.offset)
         self.stats.faults += len(faults)
         if new:
-            link.send(link.conn.send_request(new))
+            link.send_frame(link.conn.send_request, new)
 
     def _request_stragglers(self, link: Link) -> None:
         """After the push is done, ask on demand for pages still missing (pages
@@ -218,7 +257,7 @@ class Puller:
             now = time.monotonic()
             with self._lock:
                 self._inflight.update(dict.fromkeys(missing, now))
-            link.send(link.conn.send_request(missing))
+            link.send_frame(link.conn.send_request, missing)
 
     def _receive(self, link: Link) -> bool:
         """Fill what arrived; False when the link closed."""
@@ -285,6 +324,8 @@ class Puller:
                 self._send_have(link)
                 if self._pull_stream(link):
                     return
+            except DeviceError:  # the instance itself failed (destroyed, ENOMEM...): no link fixes that
+                raise
             except (ProtocolError, OSError) as e:
                 log.warning("push channel lost: %s; reconnecting", e)
             finally:
@@ -299,18 +340,19 @@ class Puller:
                 now = time.monotonic()
                 if self._push_done.is_set() or now >= next_check:
                     if self._check_complete():
-                        link.send(link.conn.send_complete())
+                        link.send_frame(link.conn.send_complete)
                         return True
                     next_check = now + CHECK_INTERVAL
-                if (link.pending or selector.select(CHECK_INTERVAL)) and not self._receive(link):
+                if (link.buffered() or selector.select(CHECK_INTERVAL)) and not self._receive(link):
                     return False
+                link.check_alive()
 
     def _send_have(self, link: Link) -> None:
         """HAVE frames covering every page, from the instance's present bitmap."""
         bitmap = self.server.present_bitmap()
         for first in range(0, self.server.pages, MAX_HAVE_PAGES):
             count = min(MAX_HAVE_PAGES, self.server.pages - first)
-            link.send(link.conn.send_have(first, bitmap[first // 8:first // 8 + (count + 7) // 8], count))
+            link.send_frame(link.conn.send_have, first, bitmap[first // 8:first // 8 + (count + 7) // 8], count)
         log.info("push channel: told the source which %d pages are present", self.present())
 
 

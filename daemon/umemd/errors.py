@@ -15,6 +15,7 @@ Every error umemd raises derives from :class:`UmemError`. The tree::
      |         +-- MigrationMismatchError  the peer belongs to another migration
      +-- ConnectError            a connection could not be made (OSError kept as cause)
      +-- MigrationAbortedError   the migration was aborted: no page may be served or used
+     +-- SourceLostError         no page server for longer than --source-timeout
 
 Messages name the thing that failed and, where there is one, the fix.
 """
@@ -84,3 +85,8 @@ class MigrationAbortedError(UmemError):
 
 class ConnectError(UmemError):
     """A connection to the peer failed; ``__cause__`` is the OSError."""
+
+
+class SourceLostError(UmemError):
+    """The pull had no page server for longer than its --source-timeout; the
+    instance stays, for a restarted pull to attach to."""

@@ -174,7 +174,8 @@ async def migrate(opts: MigrateOptions) -> dict[str, Any]:
                              f"start a fresh one for this migration")
     try:  # the page server connected: the destination's device load will find its pages
         ready = await first_status(opts.dst_status, opts.ready_timeout,
-                                   lambda doc: doc["state"] != PullState.READY.value)
+                                   lambda doc: doc["state"] != PullState.READY.value
+                                   and not doc.get("source_lost_since"))
     except ConnectError as e:
         raise MigrationError(f"{e}: no page server is connected to it; start `umemd serve RAMFILE --connect "
                              f"DEST:PORT --qmp SOCKET ...` on the source (or check its log)") from e
@@ -251,10 +252,13 @@ def progress_line(status: dict[str, Any], src_events: EventClock, dst_events: Ev
     phase = ("running on the destination" if "RESUME" in dst_events.arrived
              else "switching over" if "STOP" in src_events.arrived else "migrating device state")
     lat = status["fault_latency_us"]
+    lost = status.get("source_lost_since")
     return (f"{phase}: {status['present']}/{status['pages']} pages "
             f"({100 * status['present'] / max(status['pages'], 1):5.1f}%), {status['faults']} faults, "
             f"latency p50 {lat['p50'] / 1000:.1f} ms p99 {lat['p99'] / 1000:.1f} ms, "
-            f"{status['reconnects']} reconnects")
+            f"{status['reconnects']} reconnects"
+            + (f"; source lost since {time.strftime('%H:%M:%S', time.localtime(lost))} "
+               f"({status['time'] - lost:.0f} s)" if lost else ""))
 
 
 def build_report(ready: dict[str, Any], last: dict[str, Any], src_info: dict[str, Any], dst_info: dict[str, Any],

@@ -27,8 +27,21 @@ Both sides of every connection name the migration they belong to (a
 migration is refused before AUTH, naming both ids, so a stale daemon can
 never feed or drain a migration that is not its own.
 
-The receive buffer holds at most one largest frame; a PAGES payload is
-handed out as a memoryview into it, valid until the next ``received``.
+Integrity after the handshake (key-only mode): every frame a side sends
+after its AUTH carries a MAC (:data:`MAC_SIZE` bytes after the payload):
+keyed BLAKE2b under a key of that direction of that connection (derived
+from the shared key, both nonces, the channel and the migration id) over
+the frame's sequence number in that direction and the frame. A frame that
+was altered, forged, replayed, dropped, reordered or moved from another
+connection fails it, and the connection goes to ERROR before the frame is
+looked at. Inside TLS (``frame_macs=False``, bound into AUTH) the TLS
+records carry the integrity instead. Integrity, not confidentiality: pages
+travel in the clear without TLS.
+
+Until the peer's AUTH is verified the receive buffer holds only what a
+handshake needs (:data:`PREAUTH_BUFFER`); then it grows to one largest
+frame. A PAGES payload is handed out as a memoryview into it, valid until
+the next ``received``.
 """
 
 from __future__ import annotations
@@ -45,7 +58,7 @@ from typing import NoReturn
 from umemd.errors import LocalProtocolError, MigrationMismatchError, RemoteProtocolError
 
 MAGIC = b"UMEMWIRE"
-VERSION = 2
+VERSION = 3
 PAGE_SIZE = 4096
 NONCE_SIZE = 16
 MIGRATION_ID_SIZE = 16
@@ -54,7 +67,9 @@ MAX_REQUEST_PAGES = 256
 MAX_RUN_PAGES = 1024
 MAX_HAVE_PAGES = 512 * 1024
 MAX_REASON = 256
-AUTH_LABEL = b"umem-auth-v2"
+AUTH_LABEL = b"umem-auth-v3"
+FRAME_KEY_LABEL = b"umem-frame-key-v3"
+MAC_SIZE = 16  # keyed BLAKE2b-128 after every frame past the sender's AUTH (key-only mode)
 
 HEADER = struct.Struct("!BBHI")
 HELLO_PREFIX = struct.Struct("!8sH")  # magic, version: the same in every version
@@ -94,6 +109,7 @@ class FrameType(enum.IntEnum):
     ERROR = 9
     COMPLETE = 10
     RELEASED = 11
+    KEEPALIVE = 12
 
 
 class ErrorCode(enum.IntEnum):
@@ -129,8 +145,12 @@ MAX_PAYLOAD = {
     FrameType.ERROR: ERROR.size + MAX_REASON,
     FrameType.COMPLETE: 0,
     FrameType.RELEASED: 0,
+    FrameType.KEEPALIVE: 0,
 }
-MAX_FRAME = HEADER.size + max(MAX_PAYLOAD.values())
+MAX_FRAME = HEADER.size + max(MAX_PAYLOAD.values()) + MAC_SIZE
+# What the handshake can need at once: the peer's HELLO, AUTH or ERROR, and the first frame behind them.
+PREAUTH_BUFFER = 4 * (HEADER.size + MAX_PAYLOAD[FrameType.ERROR] + MAC_SIZE)
+_HANDSHAKE_FRAMES = (FrameType.HELLO, FrameType.AUTH, FrameType.ERROR)
 
 # (state, frame received) -> next state. ERROR from the peer closes in any state.
 # READY -> RELEASED when the source's RELEASED is received (destination) or
@@ -142,9 +162,9 @@ TRANSITIONS: dict[tuple[State, FrameType], State] = {
     (State.HELLO, FrameType.HELLO): State.AUTH,
     (State.AUTH, FrameType.AUTH): State.READY,
     **{(s, FrameType.ERROR): State.CLOSED for s in (State.HELLO, State.AUTH, State.READY, State.RELEASED)},
-    **{(State.READY, t): State.READY for t in _BEFORE_RELEASE},
+    **{(State.READY, t): State.READY for t in (*_BEFORE_RELEASE, FrameType.KEEPALIVE)},
     (State.READY, FrameType.RELEASED): State.RELEASED,
-    **{(State.RELEASED, t): State.RELEASED for t in (*_BEFORE_RELEASE, *_PAGE_FRAMES)},
+    **{(State.RELEASED, t): State.RELEASED for t in (*_BEFORE_RELEASE, *_PAGE_FRAMES, FrameType.KEEPALIVE)},
 }
 LIVE = (State.READY, State.RELEASED)
 
@@ -169,15 +189,18 @@ PUSH_TRANSITIONS: dict[tuple[PushPhase, FrameType], PushPhase] = {
 }
 PUSH_FRAMES = frozenset(kind for _, kind in PUSH_TRANSITIONS)
 
-# What each side may receive in READY, by (our role, channel).
+# What each side may receive in READY, by (our role, channel). KEEPALIVE (either side, when it
+# has sent nothing for a while) carries no event: its bytes are the proof of life.
 ACCEPTS: dict[tuple[Role, Channel], frozenset[FrameType]] = {
-    (Role.SOURCE, Channel.DEMAND): frozenset({FrameType.REQUEST, FrameType.ERROR}),
-    (Role.SOURCE, Channel.PUSH): frozenset({FrameType.HAVE, FrameType.COMPLETE, FrameType.ERROR}),
+    (Role.SOURCE, Channel.DEMAND): frozenset({FrameType.REQUEST, FrameType.ERROR, FrameType.KEEPALIVE}),
+    (Role.SOURCE, Channel.PUSH): frozenset({FrameType.HAVE, FrameType.COMPLETE, FrameType.ERROR,
+                                            FrameType.KEEPALIVE}),
     (Role.DESTINATION, Channel.DEMAND): frozenset(
-        {FrameType.INFO, FrameType.RELEASED, FrameType.PAGES, FrameType.ZERO, FrameType.ERROR}
+        {FrameType.INFO, FrameType.RELEASED, FrameType.PAGES, FrameType.ZERO, FrameType.ERROR, FrameType.KEEPALIVE}
     ),
     (Role.DESTINATION, Channel.PUSH): frozenset(
-        {FrameType.INFO, FrameType.RELEASED, FrameType.PAGES, FrameType.ZERO, FrameType.DONE, FrameType.ERROR}
+        {FrameType.INFO, FrameType.RELEASED, FrameType.PAGES, FrameType.ZERO, FrameType.DONE, FrameType.ERROR,
+         FrameType.KEEPALIVE}
     ),
 }
 
@@ -265,9 +288,32 @@ Event = Authenticated | Info | Released | Request | Pages | Zero | Have | Done |
 
 
 def auth_tag(key: bytes, sender: Role, channel: Channel, sender_nonce: bytes, receiver_nonce: bytes,
-             migration_id: bytes) -> bytes:
-    message = AUTH_LABEL + bytes([sender, channel]) + sender_nonce + receiver_nonce + migration_id
+             migration_id: bytes, frame_macs: bool) -> bytes:
+    message = (AUTH_LABEL + bytes([sender, channel, frame_macs]) + sender_nonce + receiver_nonce
+               + migration_id)
     return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def frame_key(key: bytes, sender: Role, channel: Channel, source_nonce: bytes, destination_nonce: bytes,
+              migration_id: bytes) -> bytes:
+    """The MAC key of the frames ``sender`` sends on one connection."""
+    message = FRAME_KEY_LABEL + bytes([sender, channel]) + source_nonce + destination_nonce + migration_id
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+class FrameMac:
+    """The MACs of one direction of one connection: each frame's tag covers its sequence number."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self.sequence = 0
+
+    def tag(self, *parts: bytes | memoryview) -> bytes:
+        mac = hashlib.blake2b(self.sequence.to_bytes(8, "big"), key=self._key, digest_size=MAC_SIZE)
+        for part in parts:
+            mac.update(part)
+        self.sequence += 1
+        return mac.digest()
 
 
 def _our_bug(reason: str) -> NoReturn:
@@ -282,7 +328,7 @@ class Connection:
     """One side of one connection. See the module docstring."""
 
     def __init__(self, role: Role, channel: Channel, key: bytes, migration_id: bytes, *,
-                 ram_size: int | None = None, nonce: bytes | None = None) -> None:
+                 ram_size: int | None = None, nonce: bytes | None = None, frame_macs: bool = True) -> None:
         if len(key) < 32:
             raise LocalProtocolError("the key must be at least 32 bytes (umemd keygen FILE makes one)")
         if len(migration_id) != MIGRATION_ID_SIZE:
@@ -296,7 +342,10 @@ class Connection:
         self._key = key
         self._nonce = nonce or os.urandom(NONCE_SIZE)
         self._peer_nonce = b""
-        self._buffer = bytearray(MAX_FRAME)
+        self.frame_macs = frame_macs  # False inside TLS, whose records carry the integrity
+        self._send_mac: FrameMac | None = None  # from our AUTH on
+        self._receive_mac: FrameMac | None = None  # from the peer's AUTH on
+        self._buffer = bytearray(PREAUTH_BUFFER)  # grows to MAX_FRAME once the peer is authenticated
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
         self._eof = False
@@ -348,14 +397,30 @@ class Connection:
             return self._eof_event(available)
         kind_raw, flags, reserved, length = HEADER.unpack_from(self._buffer, self._start)
         kind = self._check_header(kind_raw, flags, reserved, length)
-        if available < HEADER.size + length:
+        next_state = self._transition(kind)
+        start, end = self._start, self._start + HEADER.size + length
+        trailer = MAC_SIZE if self._receive_mac else 0
+        if end + trailer - start > len(self._buffer):
+            self._fail(f"{kind.name} frame of {length} bytes during the handshake")
+        if available < end + trailer - start:
             return self._eof_event(available)
-        payload = memoryview(self._buffer)[self._start + HEADER.size:self._start + HEADER.size + length]
-        self._start += HEADER.size + length
-        self.state = self._transition(kind)
+        if self._receive_mac:
+            self._verify_mac(kind, start, end)
+        self._start = end + trailer
+        self.state = next_state
         if self.push_phase is not None and kind in PUSH_FRAMES:
             self.push_phase = self._push_step(kind, self._fail)
-        return self._handle(kind, payload)  # a bad payload moves to ERROR
+        return self._handle(kind, memoryview(self._buffer)[start + HEADER.size:end])  # a bad payload: ERROR
+
+    def _verify_mac(self, kind: FrameType, start: int, end: int) -> None:
+        assert self._receive_mac is not None
+        sequence = self._receive_mac.sequence
+        expected = self._receive_mac.tag(memoryview(self._buffer)[start:end])
+        if not hmac.compare_digest(expected, bytes(self._buffer[end:end + MAC_SIZE])):
+            self._outgoing += self.error_frame(ErrorCode.PROTOCOL, f"frame MAC mismatch at frame {sequence}")
+            self._fail(f"frame MAC mismatch at frame {sequence} ({kind.name}) from the "
+                       f"{self.peer_role.name.lower()} on the {self.channel.name.lower()} channel: it was altered, "
+                       "forged, replayed, dropped or reordered on the way (an on-path attacker or a broken relay)")
 
     def _eof_event(self, available: int) -> Event | None:
         if not self._eof:
@@ -411,6 +476,10 @@ class Connection:
         if kind is FrameType.HELLO:
             self._on_hello(payload)
             return self.next_event()
+        if kind is FrameType.KEEPALIVE:
+            if payload:
+                self._fail("KEEPALIVE with a payload")
+            return self.next_event()
         if kind is FrameType.AUTH:
             return self._on_auth(payload)
         if kind is FrameType.ERROR:
@@ -462,7 +531,14 @@ class Connection:
         self.features = flags & OFFERED_FEATURES
         self._peer_nonce = nonce
         self._outgoing += frame(FrameType.AUTH, auth_tag(self._key, self.role, self.channel, self._nonce, nonce,
-                                                         self.migration_id))
+                                                         self.migration_id, self.frame_macs))
+        if self.frame_macs:
+            self._send_mac = FrameMac(self._frame_key(self.role))
+
+    def _frame_key(self, sender: Role) -> bytes:
+        source, destination = ((self._nonce, self._peer_nonce) if self.role is Role.SOURCE
+                               else (self._peer_nonce, self._nonce))
+        return frame_key(self._key, sender, self.channel, source, destination, self.migration_id)
 
     def _refuse_migration(self, theirs: bytes) -> NoReturn:
         reason = (f"the {self.peer_role.name.lower()} belongs to migration {theirs.hex()}, this "
@@ -474,11 +550,22 @@ class Connection:
 
     def _on_auth(self, payload: memoryview) -> Event:
         expected = auth_tag(self._key, self.peer_role, self.channel, self._peer_nonce, self._nonce,
-                            self.migration_id)
+                            self.migration_id, self.frame_macs)
         if not hmac.compare_digest(bytes(payload), expected):
             self._outgoing += self.error_frame(ErrorCode.AUTH, "authentication failed")
-            self._fail("authentication failed: the peer does not hold our key")
+            self._fail("authentication failed: the peer does not hold our key (or one side uses TLS and "
+                       "the other not)")
+        if self.frame_macs:
+            self._receive_mac = FrameMac(self._frame_key(self.peer_role))
+        self._grow_buffer()
         return Authenticated(self.peer_role, self.channel)
+
+    def _grow_buffer(self) -> None:
+        """Room for one largest frame, now that the peer holds the key."""
+        pending = self._end - self._start
+        buffer = bytearray(MAX_FRAME)
+        buffer[:pending] = self._buffer[self._start:self._end]
+        self._buffer, self._start, self._end = buffer, 0, pending
 
     def _on_error(self, payload: memoryview) -> Event:
         if len(payload) < ERROR.size:
@@ -547,11 +634,15 @@ class Connection:
         if self.push_phase is not None and kind in PUSH_FRAMES:
             self.push_phase = self._push_step(kind, _our_bug)
 
+    def _sealed(self, data: bytes) -> bytes:
+        """``data`` with its MAC once our AUTH is out (key-only mode)."""
+        return data + self._send_mac.tag(data) if self._send_mac else data
+
     def send_info(self, ram_size: int) -> bytes:
         """INFO; from then on what the peer sends is bounded by ``ram_size`` here too."""
         self._require_ready(FrameType.INFO)
         self.ram_size = ram_size
-        return frame(FrameType.INFO, INFO.pack(ram_size, PAGE_SIZE, 0))
+        return self._sealed(frame(FrameType.INFO, INFO.pack(ram_size, PAGE_SIZE, 0)))
 
     def send_request(self, offsets: list[int]) -> bytes:
         """One or more REQUEST frames for ``offsets`` (any number)."""
@@ -559,44 +650,51 @@ class Connection:
         out = bytearray()
         for i in range(0, len(offsets), MAX_REQUEST_PAGES):
             chunk = offsets[i:i + MAX_REQUEST_PAGES]
-            out += frame(FrameType.REQUEST, COUNT.pack(len(chunk), 0) + struct.pack(f"!{len(chunk)}Q", *chunk))
+            out += self._sealed(frame(FrameType.REQUEST, COUNT.pack(len(chunk), 0)
+                                      + struct.pack(f"!{len(chunk)}Q", *chunk)))
         return bytes(out)
 
-    def send_pages_header(self, offset: int, count: int) -> bytes:
-        """The header of a PAGES frame; the caller sends ``count`` pages right after it
-        (``sock.sendmsg([header, data])``: the data is never copied here)."""
+    def send_pages(self, offset: int, data: memoryview) -> tuple[bytes, memoryview, bytes]:
+        """A PAGES frame of ``data`` (whole pages at ``offset``) as its header, the data itself (never
+        copied here: ``sock.sendmsg`` them in order) and its MAC (b"" inside TLS)."""
         self._require_ready(FrameType.PAGES)
-        if not 1 <= count <= MAX_RUN_PAGES or offset % PAGE_SIZE:
-            raise LocalProtocolError(f"PAGES run of {count} pages at {offset:#x}")
-        return HEADER.pack(FrameType.PAGES, 0, 0, RUN.size + count * PAGE_SIZE) + RUN.pack(offset, count, 0)
+        count = len(data) // PAGE_SIZE
+        if not 1 <= count <= MAX_RUN_PAGES or offset % PAGE_SIZE or len(data) % PAGE_SIZE:
+            raise LocalProtocolError(f"PAGES run of {len(data)} bytes at {offset:#x}")
+        header = HEADER.pack(FrameType.PAGES, 0, 0, RUN.size + len(data)) + RUN.pack(offset, count, 0)
+        return header, data, self._send_mac.tag(header, data) if self._send_mac else b""
 
     def send_zero(self, offset: int, count: int) -> bytes:
         self._require_ready(FrameType.ZERO)
-        return frame(FrameType.ZERO, ZERO.pack(offset, count))
+        return self._sealed(frame(FrameType.ZERO, ZERO.pack(offset, count)))
 
     def send_have(self, first: int, bitmap: bytes, count: int) -> bytes:
         self._require_ready(FrameType.HAVE)
         if not 1 <= count <= MAX_HAVE_PAGES or len(bitmap) != (count + 7) // 8:
             raise LocalProtocolError(f"HAVE of {count} pages with a {len(bitmap)}-byte bitmap")
         self._cover(first, count, _our_bug)
-        return frame(FrameType.HAVE, HAVE.pack(first, count, 0) + bitmap)
+        return self._sealed(frame(FrameType.HAVE, HAVE.pack(first, count, 0) + bitmap))
 
     def send_done(self, pages: int, zeros: int) -> bytes:
         self._require_ready(FrameType.DONE)
-        return frame(FrameType.DONE, DONE.pack(pages, zeros))
+        return self._sealed(frame(FrameType.DONE, DONE.pack(pages, zeros)))
 
     def send_released(self) -> bytes:
         """The source guest is stopped for good (the release): pages may follow."""
         self._require_ready(FrameType.RELEASED)
         if self.state is State.READY:
             self.state = State.RELEASED
-        return frame(FrameType.RELEASED)
+        return self._sealed(frame(FrameType.RELEASED))
 
     def send_complete(self) -> bytes:
         self._require_ready(FrameType.COMPLETE)
-        return frame(FrameType.COMPLETE)
+        return self._sealed(frame(FrameType.COMPLETE))
 
-    @staticmethod
-    def error_frame(code: ErrorCode, reason: str) -> bytes:
+    def send_keepalive(self) -> bytes:
+        """Proof of life when nothing else was sent for a while (see transport.Link)."""
+        self._require_ready(FrameType.KEEPALIVE)
+        return self._sealed(frame(FrameType.KEEPALIVE))
+
+    def error_frame(self, code: ErrorCode, reason: str) -> bytes:
         """An ERROR frame; allowed in every state (the connection is closed after it)."""
-        return frame(FrameType.ERROR, ERROR.pack(code, 0) + reason.encode()[:MAX_REASON])
+        return self._sealed(frame(FrameType.ERROR, ERROR.pack(code, 0) + reason.encode()[:MAX_REASON]))

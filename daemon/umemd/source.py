@@ -108,8 +108,8 @@ class PageServer:
                 self.failure = error
             links = list(self._links)
         for link in links:  # a last word each, not waiting long on a peer that does not read
-            link.try_send(link.conn.error_frame(ErrorCode.ABORTED, f"the source aborted the migration: {reason}"),
-                          ABORT_SEND_WAIT)
+            link.try_send_frame(ABORT_SEND_WAIT, link.conn.error_frame, ErrorCode.ABORTED,
+                                f"the source aborted the migration: {reason}")
             link.shutdown()
         self._abort_told.set()
         self._over.set()
@@ -150,7 +150,7 @@ class PageServer:
                 if self.gate.aborted:
                     self._abort(self.gate.reason)
                     return
-                link.send(link.conn.send_info(self.ram.size))
+                link.send_frame(link.conn.send_info, self.ram.size)
                 serve(link)
             except MigrationAbortedError:
                 return
@@ -174,7 +174,7 @@ class PageServer:
             return
         if not self.gate.wait_released():
             raise MigrationAbortedError(self.gate.reason)
-        link.send(link.conn.send_released())
+        link.send_frame(link.conn.send_released)
 
     # ---- demand ---------------------------------------------------------------
 
@@ -220,7 +220,7 @@ class PageServer:
         pushed, end = self._push_all(link)
         self.stats.pushed_pages += pushed
         if end is None:
-            link.send(link.conn.send_done(pushed, self.stats.zero_pages))
+            link.send_frame(link.conn.send_done, pushed, self.stats.zero_pages)
             log.info("push stream done: %d pages pushed", pushed)
             end = next((e for e in link.events() if isinstance(e, Complete | PeerError | Closed)), Closed())
         else:
@@ -278,7 +278,7 @@ class PageServer:
                     self._send_pages(link, lo, hi)
                     data_pages += hi - lo
                 else:
-                    link.send(link.conn.send_zero(lo * PAGE_SIZE, hi - lo))
+                    link.send_frame(link.conn.send_zero, lo * PAGE_SIZE, hi - lo)
                     with self._lock:
                         self.stats.zero_pages += hi - lo
         return data_pages
@@ -286,10 +286,10 @@ class PageServer:
     def _send_pages(self, link: Link, lo: int, hi: int) -> None:
         for run in range(lo, hi, MAX_RUN_PAGES):
             count = min(MAX_RUN_PAGES, hi - run)
-            header = link.conn.send_pages_header(run * PAGE_SIZE, count)
-            link.send(header, self.ram.view[run * PAGE_SIZE:(run + count) * PAGE_SIZE])
+            sent = link.send_frame(link.conn.send_pages, run * PAGE_SIZE,
+                                   self.ram.view[run * PAGE_SIZE:(run + count) * PAGE_SIZE])
             with self._lock:
-                self.stats.bytes_sent += len(header) + count * PAGE_SIZE
+                self.stats.bytes_sent += sent
 
     def _data_extents(self) -> list[tuple[int, int]]:
         """The RAM file's data extents, read at the first use after the release: until

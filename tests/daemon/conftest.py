@@ -57,6 +57,7 @@ def source_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("key") / "key"
     path.write_text(os.urandom(32).hex() + "\n")
+    path.chmod(0o600)  # umemd refuses a key others can read
     return path
 
 

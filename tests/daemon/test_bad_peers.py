@@ -47,6 +47,7 @@ def test_a_wrong_key_gets_no_page(migration: Migration, tmp_path: Path) -> None:
     pull = migration.pull()
     wrong = tmp_path / "wrong-key"
     wrong.write_text("ab" * 32 + "\n")
+    wrong.chmod(0o600)
     impostor = migration.serve(key=wrong)
     wait_for(lambda: pull.text().count("authentication failed") >= 2, "two refused handshakes")
     assert migration.present() == 0

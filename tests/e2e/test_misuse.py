@@ -23,6 +23,7 @@ def run_in_vm(vm: Driver, *argv: str, limit: float = 120) -> tuple[int, str]:
 def test_pull_without_the_module_exits_3_and_says_how_to_load_it(vm: Driver, workdir: Path) -> None:
     key = workdir / "key"
     key.write_text("ab" * 32 + "\n")
+    key.chmod(0o600)  # umemd refuses a key others can read
     _, out = run_in_vm(vm, "sh", "-c", f"""
         rmmod umem 2>/dev/null
         {VENV_PYTHON} -m umemd.cli pull vm9 --size 1M --listen 127.0.0.1:4999 --key-file {key} \\
@@ -70,6 +71,7 @@ def test_a_page_server_with_the_wrong_key_gets_nothing(vm: Driver, workdir: Path
     side.ram_file.write_bytes(b"\x5a" * (64 << 20))
     wrong = workdir / "wrong.key"
     wrong.write_text("cd" * 32 + "\n")
+    wrong.chmod(0o600)
 
     async def attempt() -> None:
         await load_module(vm.topo)

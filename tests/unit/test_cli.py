@@ -74,6 +74,7 @@ def test_serve_with_its_qmp_unreachable_serves_nothing_and_exits_1(tmp_path: Pat
     ram.write_bytes(b"\x01" * 4096 * 4)
     key = tmp_path / "key"
     key.write_text("ab" * 32 + "\n")
+    key.chmod(0o600)  # umemd refuses a key others can read
     with socket.socket() as listener:  # a destination that would take the pages
         listener.bind(("127.0.0.1", 0))
         listener.listen()

@@ -11,8 +11,12 @@ from hypothesis import strategies as st
 from umemd.errors import LocalProtocolError, MigrationMismatchError, RemoteProtocolError
 from umemd.protocol import (
     HEADER,
+    MAC_SIZE,
+    MAX_FRAME,
     MAX_RUN_PAGES,
     PAGE_SIZE,
+    PREAUTH_BUFFER,
+    VERSION,
     Authenticated,
     Channel,
     Closed,
@@ -93,7 +97,7 @@ def test_a_wrong_key_gets_an_error_and_no_data() -> None:
     with pytest.raises(LocalProtocolError):
         src.send_info(RAM)
     reply = src.data_to_send()  # our AUTH, then an ERROR frame saying why
-    assert reply.endswith(frame(FrameType.ERROR, struct.pack("!HH", ErrorCode.AUTH, 0) + b"authentication failed"))
+    assert frame(FrameType.ERROR, struct.pack("!HH", ErrorCode.AUTH, 0) + b"authentication failed") in reply
     with pytest.raises(RemoteProtocolError, match="authentication failed"):
         events(dst, reply)  # the destination does not accept our tag either
 
@@ -101,11 +105,14 @@ def test_a_wrong_key_gets_an_error_and_no_data() -> None:
 @pytest.mark.parametrize(
     ("hello", "message"),
     [
-        (struct.pack("!8sHBBI16s16s", b"NOTUMEM!", 2, 2, 1, 0, bytes(16), MIGRATION), "bad magic"),
-        (struct.pack("!8sHBBI16s16s", b"UMEMWIRE", 3, 2, 1, 0, bytes(16), MIGRATION), "version 3"),
-        (struct.pack("!8sHBBI16s16s", b"UMEMWIRE", 2, 1, 1, 0, bytes(16), MIGRATION), "expected a destination"),
-        (struct.pack("!8sHBBI16s16s", b"UMEMWIRE", 2, 2, 2, 0, bytes(16), MIGRATION), "on the demand channel"),
-        (struct.pack("!8sHBBI16s", b"UMEMWIRE", 2, 2, 1, 0, bytes(16)), "HELLO payload of 32 bytes"),
+        (struct.pack("!8sHBBI16s16s", b"NOTUMEM!", VERSION, 2, 1, 0, bytes(16), MIGRATION), "bad magic"),
+        (struct.pack("!8sHBBI16s16s", b"UMEMWIRE", VERSION + 1, 2, 1, 0, bytes(16), MIGRATION),
+         f"version {VERSION + 1}"),
+        (struct.pack("!8sHBBI16s16s", b"UMEMWIRE", VERSION, 1, 1, 0, bytes(16), MIGRATION),
+         "expected a destination"),
+        (struct.pack("!8sHBBI16s16s", b"UMEMWIRE", VERSION, 2, 2, 0, bytes(16), MIGRATION),
+         "on the demand channel"),
+        (struct.pack("!8sHBBI16s", b"UMEMWIRE", VERSION, 2, 1, 0, bytes(16)), "HELLO payload of 32 bytes"),
     ],
     ids=["magic", "version", "role", "channel", "short"],
 )
@@ -120,7 +127,8 @@ def test_a_peer_of_protocol_version_1_is_refused_naming_both_versions() -> None:
     src = Connection(Role.SOURCE, Channel.DEMAND, KEY, MIGRATION)
     src.data_to_send()
     v1_hello = struct.pack("!8sHBBI16s", b"UMEMWIRE", 1, Role.DESTINATION, Channel.DEMAND, 0, bytes(16))
-    with pytest.raises(RemoteProtocolError, match="the peer speaks umem protocol version 1, this umemd speaks 2"):
+    with pytest.raises(RemoteProtocolError,
+                       match=f"the peer speaks umem protocol version 1, this umemd speaks {VERSION}"):
         events(src, frame(FrameType.HELLO, v1_hello))
     code, _ = struct.unpack_from("!HH", src.data_to_send(), HEADER.size)
     assert code == ErrorCode.VERSION  # the peer is told why
@@ -163,7 +171,7 @@ def test_demand_round_trip() -> None:
     assert events(dst, src.send_info(RAM)) == [Info(RAM, PAGE_SIZE)]
     assert events(src, dst.send_request([0, 5 * PAGE_SIZE])) == [Request((0, 5 * PAGE_SIZE))]
     data = bytes(range(256)) * 16 * 2
-    got = events(dst, src.send_pages_header(5 * PAGE_SIZE, 2) + data + src.send_zero(0, 1))
+    got = events(dst, b"".join(src.send_pages(5 * PAGE_SIZE, memoryview(data))) + src.send_zero(0, 1))
     assert isinstance(got[0], Pages) and got[0].offset == 5 * PAGE_SIZE and bytes(got[0].data) == data
     assert got[0].count == 2 and got[1] == Zero(0, 1)
 
@@ -197,14 +205,14 @@ def test_the_cover_goes_in_order_from_page_0() -> None:
     with pytest.raises(LocalProtocolError, match="HAVE from page 8, expected page 0"):
         dst.send_have(8, b"\x00", 8)
     with pytest.raises(RemoteProtocolError, match="HAVE from page 8, expected page 0"):
-        events(src, frame(FrameType.HAVE, struct.pack("!QII", 8, 8, 0) + b"\x00"))
+        events(src, dst._sealed(frame(FrameType.HAVE, struct.pack("!QII", 8, 8, 0) + b"\x00")))
 
 
 @pytest.mark.parametrize(
     ("before", "frame_of", "message"),
     [
         ([], lambda s: s.send_zero(0, 1), "ZERO is not allowed on the push channel while the destination is saying"),
-        (["done"], lambda s: s.send_pages_header(0, 1) + bytes(PAGE_SIZE), "PAGES is not allowed"),
+        (["done"], lambda s: b"".join(s.send_pages(0, memoryview(bytes(PAGE_SIZE)))), "PAGES is not allowed"),
         (["done"], lambda s: s.send_done(1, 0), "DONE is not allowed"),
     ],
     ids=["pages-before-the-cover", "pages-after-done", "done-twice"],
@@ -220,6 +228,7 @@ def test_push_frames_out_of_phase_are_refused(before: list[str], frame_of, messa
         frame_of(src)  # the source's codec will not send it
     forged = Connection(Role.SOURCE, Channel.PUSH, KEY, MIGRATION)  # a source whose phase allows it
     forged.state, forged.push_phase, forged.ram_size = State.RELEASED, PushPhase.PUSHING, RAM
+    forged._send_mac = src._send_mac  # with the source's frame key: it passes the MAC check
     with pytest.raises(RemoteProtocolError, match=message):
         events(dst, frame_of(forged))
 
@@ -241,9 +250,9 @@ def test_complete_comes_only_after_the_cover() -> None:
         (lambda s, d: frame(FrameType.HELLO, bytes(32)), "HELLO is not allowed"),
         (lambda s, d: s.send_zero(RAM, 1), "beyond the RAM size"),
         (lambda s, d: s.send_zero(1, 1), "unaligned"),
-        (lambda s, d: HEADER.pack(FrameType.PAGES, 0, 0, 16 + PAGE_SIZE) + struct.pack("!QII", 0, 2, 0)
-         + bytes(PAGE_SIZE), "PAGES run of 2 pages"),
-        (lambda s, d: frame(FrameType.DONE, bytes(8)), "expected 16"),
+        (lambda s, d: s._sealed(HEADER.pack(FrameType.PAGES, 0, 0, 16 + PAGE_SIZE) + struct.pack("!QII", 0, 2, 0)
+                                + bytes(PAGE_SIZE)), "PAGES run of 2 pages"),
+        (lambda s, d: s._sealed(frame(FrameType.DONE, bytes(8))), "expected 16"),
     ],
     ids=["oversized", "unknown-type", "flags", "wrong-direction", "second-hello", "out-of-range", "unaligned",
          "short-run", "short-done"],
@@ -259,7 +268,8 @@ def test_malformed_frames_put_the_connection_in_error(build, message: str) -> No
 def test_no_page_is_sent_or_taken_before_the_source_says_released() -> None:
     src, dst = connected(Channel.PUSH, release=False)
     events(dst, src.send_info(RAM))
-    for send in (lambda: src.send_pages_header(0, 1), lambda: src.send_zero(0, 1), lambda: src.send_done(1, 0)):
+    for send in (lambda: src.send_pages(0, memoryview(bytes(PAGE_SIZE))), lambda: src.send_zero(0, 1),
+                 lambda: src.send_done(1, 0)):
         with pytest.raises(LocalProtocolError, match="before RELEASED"):
             send()
     with pytest.raises(RemoteProtocolError, match="before the source's RELEASED"):
@@ -277,9 +287,9 @@ def test_only_the_source_says_released() -> None:
 
 def test_pages_before_authentication_are_refused() -> None:
     dst = Connection(Role.DESTINATION, Channel.DEMAND, KEY, MIGRATION)
+    assert len(dst.receive_buffer()) <= PREAUTH_BUFFER, "a buffer of a whole frame before the peer is known"
     with pytest.raises(RemoteProtocolError, match="PAGES is not allowed"):
-        events(dst, HEADER.pack(FrameType.PAGES, 0, 0, 16 + PAGE_SIZE) + struct.pack("!QII", 0, 1, 0)
-               + bytes(PAGE_SIZE))
+        events(dst, HEADER.pack(FrameType.PAGES, 0, 0, 16 + PAGE_SIZE) + struct.pack("!QII", 0, 1, 0))
 
 
 def test_truncated_connection() -> None:
@@ -296,7 +306,7 @@ def test_sending_out_of_turn_is_our_bug() -> None:
     with pytest.raises(LocalProtocolError):
         src.send_done(1, 1)  # DONE belongs to the push channel
     with pytest.raises(LocalProtocolError):
-        src.send_pages_header(0, MAX_RUN_PAGES + 1)
+        src.send_pages(0, memoryview(bytes(PAGE_SIZE * (MAX_RUN_PAGES + 1))))
 
 
 @settings(deadline=None, max_examples=300)
@@ -315,7 +325,7 @@ def test_random_bytes_only_ever_raise_remote_protocol_errors(data: bytes) -> Non
 @given(st.lists(st.integers(min_value=1, max_value=9000), min_size=1, max_size=20))
 def test_any_split_of_a_stream_gives_the_same_events(cuts: list[int]) -> None:
     src, dst = pushing()
-    stream = (src.send_pages_header(PAGE_SIZE, 3) + bytes([7]) * 3 * PAGE_SIZE
+    stream = (b"".join(src.send_pages(PAGE_SIZE, memoryview(bytes([7]) * 3 * PAGE_SIZE)))
               + src.send_zero(0, 1) + src.send_done(3, 1))
     got: list[object] = []
     position = 0
@@ -353,3 +363,62 @@ def test_any_corrupted_byte_is_caught_or_harmless(position: int, value: int) -> 
             if isinstance(e, PeerError):
                 assert dst.state is State.CLOSED
 
+
+
+def _page_frames(src: Connection) -> list[bytes]:
+    return [b"".join(src.send_pages(i * PAGE_SIZE, memoryview(bytes([i]) * PAGE_SIZE))) for i in range(3)]
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda f: [f[0][:-MAC_SIZE - 1] + bytes([f[0][-MAC_SIZE - 1] ^ 1]) + f[0][-MAC_SIZE:]],  # flip a data bit
+        lambda f: [f[0], f[0]],  # replay
+        lambda f: [f[1]],  # drop the first
+        lambda f: [f[1], f[0]],  # reorder
+        lambda f: [frame(FrameType.ZERO, struct.pack("!QQ", 0, 1)) + bytes(MAC_SIZE)],  # inject, a made-up MAC
+    ],
+    ids=["flip", "replay", "drop", "reorder", "inject"],
+)
+def test_a_tampered_frame_is_refused_before_it_is_looked_at(tamper) -> None:  # type: ignore[no-untyped-def]
+    src, dst = connected()
+    events(dst, src.send_info(RAM))
+    frames = _page_frames(src)
+    got: list[Event] = []
+    with pytest.raises(RemoteProtocolError, match="frame MAC mismatch"):
+        for data in tamper(frames):
+            got += events(dst, data)
+    assert all(isinstance(e, Pages) and bytes(e.data) == bytes([e.offset // PAGE_SIZE]) * PAGE_SIZE for e in got)
+    assert dst.state is State.ERROR
+    assert b"frame MAC mismatch" in dst.data_to_send()  # the peer is told why
+
+
+def test_a_frame_from_another_connection_with_the_same_key_is_refused() -> None:
+    """A relay through a second session of the same migration and key cannot move frames across."""
+    src1, _ = connected()
+    src2, dst2 = connected()
+    events(dst2, src2.send_info(RAM))
+    with pytest.raises(RemoteProtocolError, match="frame MAC mismatch"):
+        events(dst2, src1.send_info(RAM))
+
+
+def test_frames_inside_tls_carry_no_mac_and_the_mode_is_bound_into_auth() -> None:
+    src = Connection(Role.SOURCE, Channel.DEMAND, KEY, MIGRATION, frame_macs=False)
+    dst = Connection(Role.DESTINATION, Channel.DEMAND, KEY, MIGRATION, frame_macs=False)
+    events(src, dst.data_to_send())
+    events(dst, src.data_to_send())
+    events(src, dst.data_to_send())
+    events(dst, src.data_to_send())
+    assert src.send_info(RAM) == frame(FrameType.INFO, struct.pack("!QII", RAM, PAGE_SIZE, 0))
+    mixed_src = Connection(Role.SOURCE, Channel.DEMAND, KEY, MIGRATION, frame_macs=False)
+    mixed_dst = Connection(Role.DESTINATION, Channel.DEMAND, KEY, MIGRATION)
+    events(mixed_src, mixed_dst.data_to_send())
+    with pytest.raises(RemoteProtocolError, match="authentication failed"):
+        events(mixed_dst, mixed_src.data_to_send())  # the source's HELLO, then its AUTH
+
+
+def test_keepalives_carry_no_event_and_the_buffer_grows_only_after_auth() -> None:
+    src, dst = connected()
+    assert len(dst.receive_buffer()) == MAX_FRAME
+    assert events(dst, src.send_keepalive() + src.send_info(RAM) + src.send_keepalive()) == [Info(RAM)]
+    assert events(src, dst.send_keepalive()) == []

@@ -6,7 +6,7 @@ import socket
 import threading
 
 from umemd.protocol import PAGE_SIZE, Authenticated, Channel, Connection, Info, Role
-from umemd.transport import Endpoint, _handshake
+from umemd.transport import Deadline, Endpoint, _handshake
 
 KEY = bytes(range(32))
 MIGRATION = bytes(16)
@@ -33,7 +33,7 @@ def test_an_event_that_arrives_with_the_handshake_is_not_lost() -> None:
     ours, theirs = socket.socketpair()
     peer = threading.Thread(target=scripted_source, args=(theirs,))
     peer.start()
-    link = _handshake(ours, Role.DESTINATION, KEY, MIGRATION, "test", Channel.PUSH)
+    link = _handshake(ours, Role.DESTINATION, KEY, MIGRATION, "test", Channel.PUSH, Deadline(10), 10)
     ours.settimeout(5)
     assert link.receive() == [Info(RAM)]
     peer.join()
