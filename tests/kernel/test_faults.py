@@ -181,3 +181,30 @@ def test_a_failed_fill_has_the_page_asked_for_again(make_instance: Callable[...,
         server.fill([(3 * PAGE, page_pattern(3))])
         reader.join(10)
         assert reader.data == page_pattern(3)
+
+
+def test_a_fill_from_the_instances_own_missing_page_fails(make_instance: Callable[..., Server]) -> None:
+    """The source is the very page being filled, through a mapping of the
+    instance: the copy's fault would wait for the fill itself. EFAULT."""
+    server = make_instance(size=1 << 20, nonblock=True)
+    with Mapping(node_path(server.name), 1 << 20) as m:
+        source = (ctypes.c_char * PAGE).from_address(m.addr + 3 * PAGE)
+        result: list[int] = []
+
+        def fill() -> None:
+            try:
+                server.fill([(3 * PAGE, source)])
+            except DeviceError as e:
+                result.append(e.errno)
+            else:
+                result.append(0)
+
+        filler = threading.Thread(target=fill, daemon=True)
+        filler.start()
+        filler.join(60)  # a deadline, not a delay: the call returns at once or never
+        assert not filler.is_alive(), "UMEM_FILL from the instance's own missing page deadlocked"
+        assert result == [errno.EFAULT]
+        stats = server.stats()
+        assert (stats.present, stats.requested) == (0, 0)
+        assert server.fill([(3 * PAGE, page_pattern(3))]) == (1, 0)
+        assert m.read(3 * PAGE, PAGE) == page_pattern(3)
