@@ -16,7 +16,7 @@ import pytest
 from umemd import Fault, Server, node_path
 
 from .mapping import PAGE, Mapping, libc, page_pattern
-from .waiting import wait_until
+from .waiting import task_state, wait_until
 
 MADV_HUGEPAGE = 14
 
@@ -96,11 +96,6 @@ def test_kernel_context_fault_from_a_pipe_read(make_instance: Callable[..., Serv
     finally:
         os.close(rfd)
         os.close(wfd)
-
-
-def task_state(tid: int) -> str:
-    """The state letter of thread ``tid`` of this process (R, S, D...)."""
-    return Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 def signal_pending(tid: int, signo: int) -> bool:
