@@ -105,7 +105,11 @@ $(BUILD)/kvm_guest: tests/kernel/kvm_guest.c | apt
 	gcc -O2 -Wall -Wextra -Werror -o $@ $<
 
 # The kernel suite, inside a VM booting Debian's own kernel.
-test-kernel: abi kmod $(BUILD)/kvm_guest
+$(BUILD)/fault_flood: tests/kernel/fault_flood.c | apt
+	@mkdir -p $(BUILD)
+	gcc -O2 -Wall -Wextra -Werror -o $@ $< -lpthread
+
+test-kernel: abi kmod $(BUILD)/kvm_guest $(BUILD)/fault_flood
 	$(PY) -m compileall -q daemon tests
 	$(VM) $(VM_KERNEL_ARGS) -- $(PY) -m pytest tests/kernel $(PYTEST_ARGS)
 

@@ -48,13 +48,23 @@ static inline void umem_release_fault_lock(struct vm_fault *vmf)
 #endif
 }
 
+/* 6.17 replaced call_mmap() with vfs_mmap(). */
 static inline int umem_file_mmap(struct file *file, struct vm_area_struct *vma)
 {
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 15, 0)
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 17, 0)
 	return vfs_mmap(file, vma);
 #else
 	return call_mmap(file, vma);
 #endif
 }
+
+/*
+ * Before 6.12, a_ops->write_begin() and ->write_end() take a struct page;
+ * server.c copies fills through them then (and through a zeroed page from
+ * shmem_read_mapping_page_gfp() after).
+ */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 12, 0)
+#define UMEM_HAVE_PAGE_WRITE_BEGIN
+#endif
 
 #endif /* UMEM_COMPAT_H */

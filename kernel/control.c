@@ -37,8 +37,10 @@ enum umem_control_state {
 	UMEM_CONTROL_RUNNING,
 };
 
+/* One open control fd. @lock serializes UMEM_API: test and set of @state. */
 struct umem_control {
-	enum umem_control_state state;
+	struct mutex lock;
+	enum umem_control_state state;	/* written under @lock, read with READ_ONCE() */
 };
 
 static DEFINE_MUTEX(umem_lock);
@@ -223,12 +225,17 @@ static void umem_unpublish(struct umem_instance *inst)
 	inst->minor = -1;
 }
 
-static long umem_ioctl_api(struct umem_control *ctl, struct umem_api __user *uarg)
+/* Caller holds ctl->lock: two handshakes on one fd cannot both succeed. */
+static long umem_api_locked(struct umem_control *ctl, struct umem_api __user *uarg)
 {
 	struct umem_api api;
 
+	lockdep_assert_held(&ctl->lock);
 	if (ctl->state != UMEM_CONTROL_WAIT_API)
 		return -EINVAL;
+	/* The input part only: ioctls is an out field, last. */
+	BUILD_BUG_ON(offsetof(struct umem_api, ioctls) != 16);
+	BUILD_BUG_ON(offsetofend(struct umem_api, ioctls) != sizeof(struct umem_api));
 	if (copy_from_user(&api, uarg, offsetof(struct umem_api, ioctls)))
 		return -EFAULT;
 	if (api.api != UMEM_API_VERSION || api.features & ~UMEM_API_FEATURES) {
@@ -239,8 +246,19 @@ static long umem_ioctl_api(struct umem_control *ctl, struct umem_api __user *uar
 	api.ioctls = UMEM_CONTROL_IOCTLS | UMEM_SERVER_IOCTLS;
 	if (copy_to_user(uarg, &api, sizeof(api)))
 		return -EFAULT;
-	ctl->state = UMEM_CONTROL_RUNNING;
+	WRITE_ONCE(ctl->state, UMEM_CONTROL_RUNNING);
 	return 0;
+}
+
+static long umem_ioctl_api(struct umem_control *ctl, struct umem_api __user *uarg)
+{
+	long ret = mutex_lock_killable(&ctl->lock);
+
+	if (ret)
+		return ret;
+	ret = umem_api_locked(ctl, uarg);
+	mutex_unlock(&ctl->lock);
+	return ret;
 }
 
 static int umem_fd_flags(u64 flags)
@@ -381,6 +399,8 @@ static long umem_ioctl_attach(struct umem_attach __user *uarg)
 	struct file *server;
 	int fd, ret;
 
+	BUILD_BUG_ON(offsetof(struct umem_attach, tag) != 72);
+	BUILD_BUG_ON(offsetofend(struct umem_attach, tag) != sizeof(struct umem_attach));
 	if (copy_from_user(&req, uarg, offsetof(struct umem_attach, tag)))
 		return -EFAULT;
 	ret = umem_check_name((const char *)req.name);
@@ -452,6 +472,8 @@ static long umem_ioctl_list(struct umem_list __user *uarg)
 	u32 count = 0, filled = 0;
 	long ret = 0;
 
+	BUILD_BUG_ON(offsetof(struct umem_list, count) != 12);
+	BUILD_BUG_ON(offsetofend(struct umem_list, count) != sizeof(struct umem_list));
 	if (copy_from_user(&req, uarg, offsetof(struct umem_list, count)))
 		return -EFAULT;
 	if (req.capacity > UMEM_MAX_INSTANCES)
@@ -495,7 +517,7 @@ static long umem_control_ioctl(struct file *file, unsigned int cmd,
 
 	if (cmd == UMEM_API)
 		return umem_ioctl_api(ctl, uarg);
-	if (ctl->state != UMEM_CONTROL_RUNNING)
+	if (READ_ONCE(ctl->state) != UMEM_CONTROL_RUNNING)
 		return -EINVAL;
 
 	switch (cmd) {
@@ -517,6 +539,7 @@ static int umem_control_open(struct inode *inode, struct file *file)
 
 	if (!ctl)
 		return -ENOMEM;
+	mutex_init(&ctl->lock);
 	ctl->state = UMEM_CONTROL_WAIT_API;
 	file->private_data = ctl;
 	return 0;

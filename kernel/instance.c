@@ -12,6 +12,7 @@
  * map pages straight from the page cache, including one a filler is still
  * writing. Ours hands it only runs of present pages.
  */
+#include <linux/anon_inodes.h>
 #include <linux/fs.h>
 #include <linux/fs_context.h>
 #include <linux/mm.h>
@@ -52,11 +53,17 @@ void umem_instance_exit(void)
 	kern_unmount(umem_mnt);
 }
 
+/* The file that pins the module for an instance: its f_op->owner is us. */
+static const struct file_operations umem_pin_fops = {
+	.owner		= THIS_MODULE,
+};
+
 struct umem_instance *umem_instance_new(const char *name, u64 size)
 {
 	struct umem_instance *inst;
 	pgoff_t npages = size >> PAGE_SHIFT;
 	char shmem_name[UMEM_NAME_MAX + 8];
+	long err = -ENOMEM;
 
 	inst = kzalloc(sizeof(*inst), GFP_KERNEL);
 	if (!inst)
@@ -70,35 +77,48 @@ struct umem_instance *umem_instance_new(const char *name, u64 size)
 	mutex_init(&inst->lock);
 	spin_lock_init(&inst->queue_lock);
 	INIT_LIST_HEAD(&inst->queue);
+	INIT_LIST_HEAD(&inst->fillers);
 	init_waitqueue_head(&inst->server_wq);
 	init_waitqueue_head(&inst->fault_wq);
-
-	inst->present = kvcalloc(BITS_TO_LONGS(npages), sizeof(long), GFP_KERNEL);
-	inst->filling = kvcalloc(BITS_TO_LONGS(npages), sizeof(long), GFP_KERNEL);
-	inst->requested = kvcalloc(BITS_TO_LONGS(npages), sizeof(long), GFP_KERNEL);
-	if (!inst->present || !inst->filling || !inst->requested)
-		goto nomem;
 
 	snprintf(shmem_name, sizeof(shmem_name), "umem:%s", name);
 	/*
 	 * Commit the whole size now (no VM_NORESERVE): a destination that
 	 * cannot hold the guest fails at CREATE, not half way through a
-	 * migration, and fills skip per-page accounting.
+	 * migration, and fills skip per-page accounting. First, so that a
+	 * CREATE refused for its size allocates no bitmaps (3 bits a page).
 	 */
 	inst->shmem = shmem_file_setup_with_mnt(umem_mnt, shmem_name, size, 0);
 	if (IS_ERR(inst->shmem)) {
-		long err = PTR_ERR(inst->shmem);
-
+		err = PTR_ERR(inst->shmem);
 		inst->shmem = NULL;
-		umem_put(inst);
-		return ERR_PTR(err);
+		goto fail;
 	}
-	__module_get(THIS_MODULE);
+
+	inst->present = kvcalloc(BITS_TO_LONGS(npages), sizeof(long), GFP_KERNEL);
+	inst->filling = kvcalloc(BITS_TO_LONGS(npages), sizeof(long), GFP_KERNEL);
+	inst->requested = kvcalloc(BITS_TO_LONGS(npages), sizeof(long), GFP_KERNEL);
+	if (!inst->present || !inst->filling || !inst->requested)
+		goto fail;
+
+	/*
+	 * Pin the module with a file of ours rather than __module_get(): the
+	 * last reference is often dropped from our own code (munmap, a fault
+	 * that slept), and a module_put() there could let rmmod unload the
+	 * code we return through. fput() defers the final release, and its
+	 * module_put(), to task work or a kworker, in core code.
+	 */
+	inst->pin = anon_inode_getfile("[umem-instance]", &umem_pin_fops, NULL, O_RDONLY);
+	if (IS_ERR(inst->pin)) {
+		err = PTR_ERR(inst->pin);
+		inst->pin = NULL;
+		goto fail;
+	}
 	return inst;
 
-nomem:
+fail:
 	umem_put(inst);
-	return ERR_PTR(-ENOMEM);
+	return ERR_PTR(err);
 }
 
 void umem_get(struct umem_instance *inst)
@@ -118,7 +138,7 @@ void umem_free_requests(struct list_head *list)
 static void umem_instance_free(struct kref *kref)
 {
 	struct umem_instance *inst = container_of(kref, struct umem_instance, kref);
-	bool pinned = inst->shmem;
+	struct file *pin = inst->pin;
 
 	umem_free_requests(&inst->queue);
 	umem_memcg_put(inst);
@@ -128,8 +148,8 @@ static void umem_instance_free(struct kref *kref)
 	kvfree(inst->filling);
 	kvfree(inst->requested);
 	kfree(inst);
-	if (pinned)
-		module_put(THIS_MODULE);
+	if (pin)
+		fput(pin);	/* deferred: the module goes only after we return */
 }
 
 void umem_put(struct umem_instance *inst)
@@ -174,12 +194,15 @@ void umem_mark_dead(struct umem_instance *inst)
 
 /*
  * The server went away: forget what it was asked, so every waiter asks the
- * next server again. Waiters notice the new generation and retry.
+ * next server again. Waiters notice the new generation and retry. Caller
+ * holds inst->lock and has not yet cleared inst->served, so no new server
+ * can attach and read the records being dropped.
  */
 void umem_reset_requests(struct umem_instance *inst)
 {
 	LIST_HEAD(dropped);
 
+	lockdep_assert_held(&inst->lock);
 	spin_lock(&inst->queue_lock);
 	list_splice_init(&inst->queue, &dropped);
 	bitmap_zero(inst->requested, inst->npages);
@@ -200,6 +223,48 @@ void umem_forget_request(struct umem_instance *inst, pgoff_t pgoff)
 	wake_up_all(&inst->fault_wq);
 }
 
+/*
+ * A UMEM_FILL in progress: the calling task is on inst->fillers, under
+ * queue_lock, until the call ends. A fault of that task on a missing page
+ * of the same instance (a source inside the instance's own mapping) gets
+ * SIGBUS, so the copy fails with EFAULT: it would wait for a page only
+ * that task can fill.
+ */
+void umem_fill_begin(struct umem_instance *inst, struct umem_filler *filler)
+{
+	filler->task = current;
+	spin_lock(&inst->queue_lock);
+	list_add(&filler->node, &inst->fillers);
+	spin_unlock(&inst->queue_lock);
+}
+
+void umem_fill_end(struct umem_instance *inst, struct umem_filler *filler)
+{
+	spin_lock(&inst->queue_lock);
+	list_del(&filler->node);
+	spin_unlock(&inst->queue_lock);
+}
+
+/* Whether the current task is in a UMEM_FILL of @inst. */
+static bool umem_current_fills(struct umem_instance *inst)
+{
+	struct umem_filler *filler;
+	bool found = false;
+
+	/* Only current adds itself: an entry of ours is never missed here. */
+	if (list_empty_careful(&inst->fillers))
+		return false;
+	spin_lock(&inst->queue_lock);
+	list_for_each_entry(filler, &inst->fillers, node) {
+		if (filler->task == current) {
+			found = true;
+			break;
+		}
+	}
+	spin_unlock(&inst->queue_lock);
+	return found;
+}
+
 /* Queue one fault record for @pgoff unless the current server has one. */
 static int umem_request_page(struct umem_instance *inst, pgoff_t pgoff,
 			     u32 flags)
@@ -208,7 +273,8 @@ static int umem_request_page(struct umem_instance *inst, pgoff_t pgoff,
 
 	if (test_bit(pgoff, inst->requested))
 		return 0;
-	req = kmalloc(sizeof(*req), GFP_KERNEL);
+	/* Charged to the faulting task: a mapper pays for what it queues. */
+	req = kmalloc(sizeof(*req), GFP_KERNEL_ACCOUNT);
 	if (!req)
 		return -ENOMEM;
 	req->pgoff = pgoff;
@@ -261,11 +327,32 @@ static int umem_wait_page(struct umem_instance *inst, pgoff_t pgoff,
 }
 
 /*
+ * Whether a wait for a page may end on any signal. Only for a user-mode
+ * fault: it returns to user space, where the signal is delivered. A
+ * kernel-mode fault (copy_from_user() in write(2), GUP, KVM writing guest
+ * memory) that returns VM_FAULT_RETRY with a non-fatal signal pending is
+ * retried at once, and would spin for as long as the page is missing, the
+ * signal never delivered: it sleeps killably (as handle_userfault() does
+ * since "userfaultfd: prevent busy looping for tasks with signals pending").
+ */
+static bool umem_fault_interruptible(const struct vm_fault *vmf)
+{
+	return (vmf->flags & FAULT_FLAG_INTERRUPTIBLE) &&
+	       (vmf->flags & FAULT_FLAG_USER);
+}
+
+/*
  * A missing page. Without FAULT_FLAG_ALLOW_RETRY (e.g. /proc/pid/mem) we
  * must sleep holding mmap_lock. With it, we drop the lock while we sleep
  * and return VM_FAULT_RETRY, as handle_userfault() does; with
  * FAULT_FLAG_RETRY_NOWAIT (KVM's async page faults) we only queue the
  * request and return VM_FAULT_RETRY still holding the lock.
+ *
+ * No request and no wait, but SIGBUS: for a task dumping core or exiting
+ * (a core dump would fetch the rest of the instance page by page, or hang
+ * with no server; a missing page is a hole in the core), as in
+ * handle_userfault(), and for a task filling this instance from its own
+ * mapping (umem_current_fills()).
  */
 static vm_fault_t umem_fault_missing(struct umem_instance *inst,
 				     struct vm_fault *vmf)
@@ -274,6 +361,10 @@ static vm_fault_t umem_fault_missing(struct umem_instance *inst,
 	pgoff_t pgoff = vmf->pgoff;
 	unsigned int generation;
 
+	if (current->flags & (PF_DUMPCORE | PF_EXITING))
+		return VM_FAULT_SIGBUS;
+	if (umem_current_fills(inst))
+		return VM_FAULT_SIGBUS;
 	for (;;) {
 		if (READ_ONCE(inst->dead))
 			return VM_FAULT_SIGBUS;
@@ -292,8 +383,7 @@ static vm_fault_t umem_fault_missing(struct umem_instance *inst,
 
 	umem_get(inst);
 	umem_release_fault_lock(vmf);
-	umem_wait_page(inst, pgoff, generation,
-		       vmf->flags & FAULT_FLAG_INTERRUPTIBLE);
+	umem_wait_page(inst, pgoff, generation, umem_fault_interruptible(vmf));
 	umem_put(inst);
 	return VM_FAULT_RETRY;
 }

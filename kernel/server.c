@@ -113,12 +113,19 @@ static __poll_t umem_server_poll(struct file *file, poll_table *wait)
 	return mask;
 }
 
-#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 12, 0)
+#ifdef UMEM_HAVE_PAGE_WRITE_BEGIN
 /*
  * Copy one page in through shmem's own write path: write_begin allocates
  * the page without zeroing it (a fresh page would otherwise be cleared
  * only to be overwritten at once), write_end marks it uptodate and dirty.
  * The instance's size never changes, so i_rwsem is not needed.
+ *
+ * As generic_perform_write() does, the source is faulted in first and
+ * copied with page faults disabled while write_begin holds the page lock:
+ * a fault on the source may take long (slow storage, a userfaultfd or
+ * umem page) and the lock would stall truncation and MADV_REMOVE of this
+ * page meanwhile. A copy cut short (the source went away again between
+ * fault-in and copy) is retried; the page stays missing until it is whole.
  */
 static int umem_copy_page(struct umem_instance *inst, pgoff_t pgoff,
 			  const void __user *src)
@@ -128,25 +135,40 @@ static int umem_copy_page(struct umem_instance *inst, pgoff_t pgoff,
 	loff_t pos = (loff_t)pgoff << PAGE_SHIFT;
 	unsigned long left;
 	struct page *page;
-	void *fsdata = NULL;
+	void *fsdata;
 	void *dst;
 	int ret;
 
-	ret = aops->write_begin(inst->shmem, mapping, pos, PAGE_SIZE, &page, &fsdata);
-	if (ret)
-		return ret;
-	dst = kmap_local_page(page);
-	left = copy_from_user(dst, src, PAGE_SIZE);
-	kunmap_local(dst);
-	flush_dcache_page(page);
-	ret = aops->write_end(inst->shmem, mapping, pos, PAGE_SIZE,
-			      PAGE_SIZE - left, page, fsdata);
-	if (ret < 0)
-		return ret;
-	return left ? -EFAULT : 0;
+	for (;;) {
+		if (fault_in_readable(src, PAGE_SIZE))
+			return -EFAULT;
+		fsdata = NULL;
+		ret = aops->write_begin(inst->shmem, mapping, pos, PAGE_SIZE,
+					&page, &fsdata);
+		if (ret)
+			return ret;
+		dst = kmap_local_page(page);
+		pagefault_disable();
+		left = __copy_from_user_inatomic(dst, src, PAGE_SIZE);
+		pagefault_enable();
+		kunmap_local(dst);
+		flush_dcache_page(page);
+		ret = aops->write_end(inst->shmem, mapping, pos, PAGE_SIZE,
+				      PAGE_SIZE - left, page, fsdata);
+		if (ret < 0)
+			return ret;
+		if (!left)
+			return 0;
+		if (fatal_signal_pending(current))
+			return -EINTR;
+		cond_resched();
+	}
 }
 #else
-/* Newer write_begin signatures: take the page zeroed, then copy. */
+/*
+ * Newer write_begin signatures: take the page zeroed, then copy. No page
+ * lock is held during the copy.
+ */
 static int umem_copy_page(struct umem_instance *inst, pgoff_t pgoff,
 			  const void __user *src)
 {
@@ -186,8 +208,9 @@ static void umem_fill_failed(struct umem_instance *inst, pgoff_t pgoff)
  * Make one page present from @src (NULL: zeros; a page that is not present
  * is a hole, so that is only a bit). Returns 1 when it did, 0 when the
  * page was present already or another call is filling it (and will make
- * it present, or have it asked for again), or -errno. @src must not point
- * into this instance's own mappings.
+ * it present, or have it asked for again), or -errno. A missing page of
+ * this instance's own mappings as @src fails with -EFAULT (the caller is
+ * on inst->fillers, see umem_fill_begin()).
  */
 static int umem_fill_page(struct umem_instance *inst, pgoff_t pgoff,
 			  const void __user *src)
@@ -268,11 +291,15 @@ static long umem_ioctl_fill(struct umem_instance *inst,
 			    struct umem_fill __user *uarg)
 {
 	struct umem_fill_range on_stack[4], *ranges;
+	struct umem_filler filler;
 	struct umem_fill fill;
 	u64 copied = 0, skipped = 0;
 	long ret = 0;
 	u32 i;
 
+	/* The input part only: copied and skipped are out fields, last. */
+	BUILD_BUG_ON(offsetof(struct umem_fill, copied) != 16);
+	BUILD_BUG_ON(offsetofend(struct umem_fill, skipped) != sizeof(struct umem_fill));
 	if (copy_from_user(&fill, uarg, offsetof(struct umem_fill, copied)))
 		return -EFAULT;
 	if (fill.flags || !fill.count || fill.count > UMEM_FILL_MAX_RANGES)
@@ -299,9 +326,11 @@ static long umem_ioctl_fill(struct umem_instance *inst,
 		}
 	}
 
+	umem_fill_begin(inst, &filler);
 	for (i = 0; i < fill.count && !ret; i++)
 		ret = umem_fill_range(inst, ranges[i].offset, ranges[i].len,
 				      ranges[i].src, &copied, &skipped);
+	umem_fill_end(inst, &filler);
 
 	atomic64_add(copied, &inst->stat_filled);
 	atomic64_add(skipped, &inst->stat_skipped);
@@ -320,6 +349,8 @@ static long umem_ioctl_zero(struct umem_instance *inst,
 	u64 zeroed = 0, skipped = 0;
 	long ret;
 
+	BUILD_BUG_ON(offsetof(struct umem_zero, zeroed) != 24);
+	BUILD_BUG_ON(offsetofend(struct umem_zero, skipped) != sizeof(struct umem_zero));
 	if (copy_from_user(&zero, uarg, offsetof(struct umem_zero, zeroed)))
 		return -EFAULT;
 	if (zero.flags || !umem_range_valid(inst, zero.offset, zero.len))
@@ -394,10 +425,11 @@ static int umem_server_release(struct inode *inode, struct file *file)
 {
 	struct umem_instance *inst = file->private_data;
 
+	/* Reset before another server can attach (umem_server_open()). */
 	mutex_lock(&inst->lock);
+	umem_reset_requests(inst);
 	inst->served = false;
 	mutex_unlock(&inst->lock);
-	umem_reset_requests(inst);
 	umem_put(inst);
 	return 0;
 }

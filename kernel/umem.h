@@ -30,7 +30,9 @@ struct mem_cgroup;
  * only once a server has filled them.
  *
  * Lock order: umem_lock (control.c, the registry) -> inst->lock ->
- * inst->queue_lock. The fault path takes only queue_lock.
+ * inst->queue_lock. The fault path takes only queue_lock. inst->lock
+ * covers @served and, on a server's release, the reset of the queue, so
+ * a new server never sees the records of the old one dropped under it.
  *
  * Page state lives in three bitmaps, one bit per page:
  *   present   set once, after the page's contents are complete, never
@@ -45,8 +47,10 @@ struct mem_cgroup;
  *             waiters request again.
  *
  * Lifetime: the registry (until UMEM_DESTROY), each open instance node,
- * the server file and each vma hold a reference (kref). The last one frees
- * the instance and releases the module reference taken at creation.
+ * the server file, each vma and each fault sleeping with mmap_lock dropped
+ * hold a reference (kref). The last one frees the instance and puts @pin,
+ * a file whose f_op->owner is this module: its deferred release drops the
+ * module reference from core code, never from ours.
  *
  * Identity: the node's minor is never handed out again until every other
  * minor has been used since (control.c), so a stale node reference (an
@@ -66,6 +70,7 @@ struct umem_instance {
 	u64 size;
 	pgoff_t npages;
 	struct file *shmem;
+	struct file *pin;		/* pins the module (umem_instance_new()) */
 
 	unsigned long *present;
 	unsigned long *filling;
@@ -87,6 +92,7 @@ struct umem_instance {
 
 	spinlock_t queue_lock;
 	struct list_head queue;		/* struct umem_request, oldest first */
+	struct list_head fillers;	/* struct umem_filler: UMEM_FILLs running */
 	wait_queue_head_t server_wq;	/* readers and pollers of the server fd */
 	wait_queue_head_t fault_wq;	/* tasks waiting for a page */
 
@@ -106,6 +112,12 @@ struct umem_request {
 	u32 flags;
 };
 
+/* A task in UMEM_FILL, on inst->fillers (queue_lock). */
+struct umem_filler {
+	struct list_head node;
+	struct task_struct *task;
+};
+
 /* instance.c */
 int umem_instance_init(void);
 void umem_instance_exit(void);
@@ -118,6 +130,8 @@ void umem_mark_dead(struct umem_instance *inst);
 void umem_reset_requests(struct umem_instance *inst);
 void umem_forget_request(struct umem_instance *inst, pgoff_t pgoff);
 void umem_free_requests(struct list_head *list);
+void umem_fill_begin(struct umem_instance *inst, struct umem_filler *filler);
+void umem_fill_end(struct umem_instance *inst, struct umem_filler *filler);
 extern const struct file_operations umem_node_fops;
 
 /* control.c */

@@ -26,15 +26,19 @@ class Cgroup:
         finally:
             (CGROUP_ROOT / "cgroup.procs").write_text(str(os.getpid()))
 
+    def stat(self, key: str) -> int:
+        """One field of memory.stat, in bytes (or events)."""
+        for line in (self.path / "memory.stat").read_text().splitlines():
+            name, value = line.split()
+            if name == key:
+                return int(value)
+        raise AssertionError(f"no {key} line in {self.path}/memory.stat")
+
     def shmem_bytes(self) -> int:
         """Shared memory charged here (memory.stat ``shmem``): guest RAM, not the process's own
         anonymous memory, which khugepaged may charge to whatever cgroup the process is in when
         it collapses a huge page."""
-        for line in (self.path / "memory.stat").read_text().splitlines():
-            key, value = line.split()
-            if key == "shmem":
-                return int(value)
-        raise AssertionError(f"no shmem line in {self.path}/memory.stat")
+        return self.stat("shmem")
 
     def remove(self) -> None:
         self.path.rmdir()

@@ -7,6 +7,8 @@ import errno
 import mmap
 import os
 import random
+import struct
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +18,9 @@ from umemd import Control, Server, node_path
 from umemd._umem_abi import ffi, lib
 from umemd.device import CONTROL_PATH, PAGE_SIZE
 
-from .mapping import Mapping
+from .mapping import PAGE, Mapping
+from .userfault import Userfault
+from .waiting import task_state, wait_until
 
 SIZE = 1 << 20
 BAD_POINTER = 0x10  # never mapped
@@ -85,6 +89,33 @@ def test_handshake_answers_features_and_ioctls_once(raw_control: int) -> None:
     assert req.features == lib.UMEM_API_FEATURES
     assert req.ioctls == lib.UMEM_CONTROL_IOCTLS | lib.UMEM_SERVER_IOCTLS
     assert ioctl_errno(raw_control, lib.UMEM_API, api()) == errno.EINVAL
+
+
+def test_two_handshakes_racing_on_one_fd_cannot_both_succeed(raw_control: int) -> None:
+    """The first UMEM_API is held inside the ioctl (its struct is a userfaultfd
+    page) while a second one runs on the same fd: that one waits, then fails."""
+    results: dict[str, int] = {}
+
+    def handshake(key: str, arg: Any) -> None:
+        results[key] = ioctl_errno(raw_control, lib.UMEM_API, arg)
+
+    with Userfault() as held:
+        first = threading.Thread(target=handshake, args=("first", ffi.cast("struct umem_api *", held.addr)),
+                                 daemon=True)
+        first.start()
+        assert held.wait_fault() == held.addr  # the first is inside UMEM_API, reading its struct
+        second = threading.Thread(target=handshake, args=("second", api()), daemon=True)
+        second.start()
+        assert second.native_id is not None
+        tid = second.native_id
+        wait_until(lambda: not second.is_alive() or task_state(tid) == "D",
+                   what="the second handshake to return or to wait for the first")
+        early = results.get("second")
+        held.supply(0, struct.pack("QQQ", lib.UMEM_API_VERSION, 0, 0).ljust(PAGE, b"\0"))
+        first.join(10)
+        second.join(10)
+    assert early is None, f"a second UMEM_API returned {early} while the first was still inside the ioctl"
+    assert results == {"first": 0, "second": errno.EINVAL}
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import pytest
 from umemd import DeviceError, Fault, Server, node_path
 
 from .mapping import PAGE, Mapping, libc, page_pattern
+from .userfault import Userfault
 from .waiting import wait_until
 
 
@@ -181,3 +182,58 @@ def test_a_failed_fill_has_the_page_asked_for_again(make_instance: Callable[...,
         server.fill([(3 * PAGE, page_pattern(3))])
         reader.join(10)
         assert reader.data == page_pattern(3)
+
+
+def test_a_fill_from_the_instances_own_missing_page_fails(make_instance: Callable[..., Server]) -> None:
+    """The source is the very page being filled, through a mapping of the
+    instance: the copy's fault would wait for the fill itself. EFAULT."""
+    server = make_instance(size=1 << 20, nonblock=True)
+    with Mapping(node_path(server.name), 1 << 20) as m:
+        source = (ctypes.c_char * PAGE).from_address(m.addr + 3 * PAGE)
+        result: list[int] = []
+
+        def fill() -> None:
+            try:
+                server.fill([(3 * PAGE, source)])
+            except DeviceError as e:
+                result.append(e.errno)
+            else:
+                result.append(0)
+
+        filler = threading.Thread(target=fill, daemon=True)
+        filler.start()
+        filler.join(60)  # a deadline, not a delay: the call returns at once or never
+        assert not filler.is_alive(), "UMEM_FILL from the instance's own missing page deadlocked"
+        assert result == [errno.EFAULT]
+        stats = server.stats()
+        assert (stats.present, stats.requested) == (0, 0)
+        assert server.fill([(3 * PAGE, page_pattern(3))]) == (1, 0)
+        assert m.read(3 * PAGE, PAGE) == page_pattern(3)
+
+
+MADV_REMOVE = 9
+
+
+def test_a_fill_waiting_for_its_source_holds_no_lock_on_the_page(make_instance: Callable[..., Server]) -> None:
+    """A FILL whose source is slow (userfaultfd here; slow storage in life)
+    must not hold the page's lock while it waits: MADV_REMOVE (truncation)
+    of that page waits for the lock."""
+    server = make_instance(size=1 << 20)
+    with Userfault() as source, Mapping(node_path(server.name), 1 << 20) as m:
+        filled: list[tuple[int, int]] = []
+        removed: list[int] = []
+        filler = threading.Thread(daemon=True, target=lambda: filled.append(
+            server.fill([(2 * PAGE, (ctypes.c_char * PAGE).from_address(source.addr))])))
+        filler.start()
+        assert source.wait_fault() == source.addr  # the FILL now waits for its source
+        remover = threading.Thread(daemon=True, target=lambda: removed.append(
+            libc.madvise(ctypes.c_void_p(m.addr + 2 * PAGE), PAGE, MADV_REMOVE)))
+        remover.start()
+        remover.join(60)  # a deadline, not a delay: it returns at once or waits for the source
+        blocked = remover.is_alive()
+        source.supply(0, page_pattern(2))
+        filler.join(10)
+        remover.join(10)
+        assert not blocked, "MADV_REMOVE of a page waited for the source of that page's FILL"
+        assert removed == [0] and filled == [(1, 0)]
+        assert m.read(2 * PAGE, PAGE) == page_pattern(2)

@@ -174,6 +174,35 @@ def test_fill_pages_are_charged_to_the_cgroup_named_at_create(
         mapping.close()
 
 
+FAULT_FLOOD = Path(os.environ.get("UMEM_FAULT_FLOOD",
+                                  Path(__file__).resolve().parents[2] / "build" / "fault_flood"))
+RECORDS = 8192  # fault records, 32 bytes of kmalloc each
+
+
+def test_queued_fault_records_are_charged_to_the_mappers_cgroup(
+    make_instance: Callable[..., Server], cgroups: Callable[[str], Cgroup]
+) -> None:
+    """One mapper can queue a record per page, served or not (fault_flood.c):
+    on a 1 TiB instance, 8 GiB of slab. It pays for them."""
+    mapper = cgroups("mapper")
+    server = make_instance(size=RECORDS * PAGE)
+    counter = Path(f"/sys/class/umem/umem!{server.name}/stats/requested")
+    before = mapper.stat("slab_unreclaimable")
+    with mapper.entered():
+        flood = subprocess.run([str(FAULT_FLOOD), str(node_path(server.name)), str(RECORDS), str(counter)],
+                               capture_output=True, text=True, timeout=600)
+    assert flood.returncode == 0 and flood.stdout.strip() == str(RECORDS), flood.stderr
+    assert server.stats().requested == RECORDS  # all still queued: nobody has read one
+
+    def charged() -> int:
+        return mapper.stat("slab_unreclaimable") - before
+
+    with contextlib.suppress(AssertionError):  # memory.stat is flushed every 2 s at most
+        wait_until(lambda: charged() >= RECORDS * 32 * 3 // 4, what="the records' charge")
+    assert charged() >= RECORDS * 32 * 3 // 4, \
+        f"{RECORDS} queued fault records charged {charged()} bytes of slab to the mapper's cgroup"
+
+
 # ---- 5. counters without the server fd ---------------------------------
 
 

@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import pyudev
@@ -129,3 +130,20 @@ def test_destroyed_name_can_be_reused(control: Control) -> None:
     control.destroy("reuse")
     first.close()
     second.close()
+
+
+def pages_allocated() -> int:
+    """Every page the page allocator has handed out since boot (/proc/vmstat pgalloc_*)."""
+    fields = (line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+    return sum(int(value) for key, value in fields if key.startswith("pgalloc_"))
+
+
+def test_a_create_refused_for_its_size_allocates_nothing_first(control: Control) -> None:
+    """1 TiB cannot be committed in the test VM: ENOMEM, found before the
+    bitmaps (96 MiB for 1 TiB) are allocated only to be freed."""
+    before = pages_allocated()
+    with pytest.raises(DeviceError) as info:
+        control.create(f"doomed{os.getpid()}", 1 << 40)
+    allocated = pages_allocated() - before
+    assert info.value.errno == errno.ENOMEM
+    assert allocated < 4096, f"a CREATE refused with ENOMEM allocated {allocated} pages first"

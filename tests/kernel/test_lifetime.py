@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -124,6 +124,56 @@ def test_destroy_with_pages_missing_raises_sigbus(control: Control, make_instanc
     touch(later, 6)  # a later fault on a missing page
     assert later.wait(timeout=10) == -signal.SIGBUS
     server.close()
+
+
+# A process that maps an instance, touches page 0 (present), and dumps core
+# with only shared anonymous memory (the shmem of the instance) in the dump.
+DUMPER = """
+import os, resource, sys
+sys.path.insert(0, {tests!r})
+from kernel.mapping import Mapping
+resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+with open("/proc/self/coredump_filter", "w") as f:
+    f.write("0x2")
+m = Mapping({path!r}, {size})
+m.read(0, 1)
+os.abort()
+"""
+
+
+@pytest.fixture
+def core_dir(tmp_path: Path) -> Iterator[Path]:
+    """Core dumps go to ``tmp_path`` while the test runs."""
+    pattern = Path("/proc/sys/kernel/core_pattern")
+    previous = pattern.read_text()
+    pattern.write_text(f"{tmp_path}/core.%p")
+    try:
+        yield tmp_path
+    finally:
+        pattern.write_text(previous)
+
+
+def test_a_core_dump_does_not_fetch_missing_pages(make_instance: Callable[..., Server], core_dir: Path) -> None:
+    """A crashing QEMU dumps what is present; a missing page is a hole in the
+    core (SIGBUS to the dumper's fault), never a request to the server."""
+    server = make_instance(size=1 << 20)
+    server.fill([(0, page_pattern(0))])
+    tests = str(Path(__file__).resolve().parents[1])
+    script = DUMPER.format(tests=tests, path=str(node_path(server.name)), size=server.size)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        wait_until(lambda: proc.poll() is not None or server.stats().requested > 0, timeout=60,
+                   what="the dumper to exit or to ask for a page")
+        requested = server.stats().requested
+        assert requested == 0, f"the core dump asked the server for {requested} missing pages"
+        assert proc.wait(timeout=10) == -signal.SIGABRT
+    finally:
+        proc.kill()
+        proc.wait()
+    (core,) = core_dir.glob("core.*")
+    image = core.read_bytes()
+    assert page_pattern(0) in image
+    assert server.stats().faults == 0
 
 
 def rmmod() -> subprocess.CompletedProcess[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import pytest
 from umemd import Fault, Server, node_path
 
 from .mapping import PAGE, Mapping, libc, page_pattern
+from .waiting import task_state, wait_until
 
 MADV_HUGEPAGE = 14
 
@@ -92,6 +94,54 @@ def test_kernel_context_fault_from_a_pipe_read(make_instance: Callable[..., Serv
             assert result == [13]
             assert m.read(6 * PAGE, PAGE) == b"from the pipe" + page_pattern(6)[13:]
     finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
+def signal_pending(tid: int, signo: int) -> bool:
+    """Whether ``signo`` is pending for thread ``tid`` itself (SigPnd, not ShdPnd)."""
+    for line in Path(f"/proc/self/task/{tid}/status").read_text().splitlines():
+        if line.startswith("SigPnd:"):
+            return bool(int(line.split()[1], 16) >> (signo - 1) & 1)
+    raise AssertionError(f"no SigPnd line for thread {tid}")
+
+
+def test_a_kernel_mode_fault_with_a_signal_pending_sleeps(make_instance: Callable[..., Server]) -> None:
+    """write(2) from a missing page faults in kernel mode: a non-fatal signal
+    cannot be delivered until the syscall returns, so the wait must not end on
+    it (it would only be retried at once, for ever: a busy loop)."""
+    server = make_instance(size=1 << 20)
+    rfd, wfd = os.pipe()
+    handled: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signo, frame: handled.append(signo))
+    try:
+        with Mapping(node_path(server.name), 1 << 20) as m:
+            source = (ctypes.c_char * PAGE).from_address(m.addr + 6 * PAGE)
+            result: list[int] = []
+            writer = threading.Thread(target=lambda: result.append(os.write(wfd, source)), daemon=True)
+            writer.start()
+            wait_until(lambda: server.stats().waiters == 1, what="the write(2) to wait for its page")
+            assert writer.native_id is not None and writer.ident is not None
+            tid = writer.native_id
+            signal.pthread_kill(writer.ident, signal.SIGUSR1)
+            assert signal_pending(tid, signal.SIGUSR1)
+            # Asleep (killable: "D"), or round the wait again: the busy loop.
+            wait_until(lambda: task_state(tid) == "D" or server.stats().faults > 1,
+                       what="the writer to sleep or to wait again")
+            faults, state = server.stats().faults, task_state(tid)
+            assert faults == 1, f"the write(2) went round its wait {faults} times with SIGUSR1 pending ({state})"
+            assert state == "D"
+            assert signal_pending(tid, signal.SIGUSR1)
+            server.fill([(6 * PAGE, page_pattern(6))])
+            writer.join(10)
+            assert result == [PAGE]
+            assert os.read(rfd, PAGE) == page_pattern(6)
+            wait_until(lambda: handled == [signal.SIGUSR1], what="the signal to be delivered")
+        assert server.stats().faults == 1
+    finally:
+        server.zero(6 * PAGE, PAGE)  # a failed test's writer returns, and takes its signal, here
+        writer.join(10)
+        signal.signal(signal.SIGUSR1, previous)
         os.close(rfd)
         os.close(wfd)
 
