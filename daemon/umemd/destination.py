@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import itertools
 import logging
 import selectors
@@ -233,6 +234,9 @@ class Puller:
 
     def _request_faults(self, link: Link) -> None:
         faults = self.server.read_faults()
+        if self.server.destroyed:  # end of file: no page can be filled any more
+            raise DeviceError(errno.ENODEV, f"instance {self.server.name!r} was destroyed under this pull "
+                              "(umemd destroy?); tasks touching its missing pages get SIGBUS")
         now = time.monotonic()
         new = []
         with self._lock:

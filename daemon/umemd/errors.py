@@ -13,6 +13,7 @@ Every error umemd raises derives from :class:`UmemError`. The tree::
      |    +-- LocalProtocolError     by us (a bug in umemd)
      |    +-- RemoteProtocolError    by the peer: that connection is closed
      |         +-- MigrationMismatchError  the peer belongs to another migration
+     |         +-- AuthenticationError     the peer does not hold our key
      +-- ConnectError            a connection could not be made (OSError kept as cause)
      +-- MigrationAbortedError   the migration was aborted: no page may be served or used
      +-- SourceLostError         no page server for longer than --source-timeout
@@ -76,6 +77,10 @@ class RemoteProtocolError(ProtocolError):
 
 class MigrationMismatchError(RemoteProtocolError):
     """The peer (or the instance) belongs to another migration: a stale daemon."""
+
+
+class AuthenticationError(RemoteProtocolError):
+    """The two sides hold different keys (or one uses TLS and the other not)."""
 
 
 class MigrationAbortedError(UmemError):

@@ -55,7 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from umemd.errors import LocalProtocolError, MigrationMismatchError, RemoteProtocolError
+from umemd.errors import AuthenticationError, LocalProtocolError, MigrationMismatchError, RemoteProtocolError
 
 MAGIC = b"UMEMWIRE"
 VERSION = 3
@@ -553,8 +553,9 @@ class Connection:
                             self.migration_id, self.frame_macs)
         if not hmac.compare_digest(bytes(payload), expected):
             self._outgoing += self.error_frame(ErrorCode.AUTH, "authentication failed")
-            self._fail("authentication failed: the peer does not hold our key (or one side uses TLS and "
-                       "the other not)")
+            self.state = State.ERROR
+            raise AuthenticationError("authentication failed: the peer does not hold our key (the same "
+                                      "--key-file on both hosts?), or one side uses TLS and the other not")
         if self.frame_macs:
             self._receive_mac = FrameMac(self._frame_key(self.peer_role))
         self._grow_buffer()

@@ -26,6 +26,7 @@ from umemd.session import SourceEvent, SourceGate
 log = logging.getLogger(__name__)
 
 POLL = 0.2  # seconds between query-migrate polls
+CONNECT_TIMEOUT = 10.0  # seconds for the source QEMU's QMP greeting
 
 # query-migrate statuses of a migration in progress
 IN_PROGRESS = frozenset({"setup", "active", "device", "wait-unplug", "pre-switchover", "cancelling",
@@ -75,10 +76,12 @@ class _MigrationStatus:
 
 async def _watch(socket_path: Path, gate: SourceGate, watching: threading.Event) -> None:
     client = QMPClient("umemd-serve")
-    try:
-        await client.connect(str(socket_path))
-    except (QMPError, OSError) as e:
-        gate.handle(SourceEvent.QMP_LOST, f"cannot reach {socket_path} ({e}): pass the source QEMU's second QMP "
+    try:  # a monitor another client holds accepts and never greets: bounded
+        await asyncio.wait_for(client.connect(str(socket_path)), CONNECT_TIMEOUT)
+    except (QMPError, OSError, TimeoutError) as e:
+        why = (f"no QMP greeting within {CONNECT_TIMEOUT:g} s: another client holds that monitor?"
+               if isinstance(e, TimeoutError) else str(e))
+        gate.handle(SourceEvent.QMP_LOST, f"cannot reach {socket_path} ({why}): pass the source QEMU's second QMP "
                     "monitor, or --guest-stopped-for-good if it has quit")
         watching.set()
         return

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from umemd.errors import (
+    AuthenticationError,
     ConnectError,
     MigrationAbortedError,
     MigrationMismatchError,
@@ -138,7 +139,7 @@ class PageServer:
         while not self._over.is_set():
             try:
                 link = self.dialer.link(channel)
-            except MigrationMismatchError as e:
+            except (MigrationMismatchError, AuthenticationError) as e:
                 self._give_up(e)
                 return
             except ConnectError:
@@ -223,8 +224,10 @@ class PageServer:
             link.send_frame(link.conn.send_done, pushed, self.stats.zero_pages)
             log.info("push stream done: %d pages pushed", pushed)
             end = next((e for e in link.events() if isinstance(e, Complete | PeerError | Closed)), Closed())
-        else:
+        elif isinstance(end, Complete):
             log.info("push stream stopped after %d pages: the destination needs no more", pushed)
+        else:
+            log.info("push stream interrupted after %d pages", pushed)
         if isinstance(end, Complete):
             if not self.gate.aborted:  # else the abort ends the server, with its error
                 self.complete.set()
@@ -330,11 +333,14 @@ class PageServer:
             self.failure = error
         self._over.set()
 
-    @staticmethod
-    def _log_end(link: Link, event: PeerError | Closed) -> None:
+    def _log_end(self, link: Link, event: PeerError | Closed) -> None:
         if isinstance(event, PeerError):
             level = logging.INFO if event.code == ErrorCode.SHUTDOWN else logging.ERROR
             log.log(level, "%s channel: the destination says: %s", link.channel.name.lower(), event.reason)
+            if event.code == ErrorCode.SIZE_MISMATCH:  # no retry can fix that: say what would
+                self._give_up(UmemError(f"the destination's instance is not {self.ram.size} bytes, the size of "
+                                        f"{self.ram.path}: serve this guest's RAM file, or give umemd pull the "
+                                        "guest's --size"))
         else:
             log.info("%s channel: the destination closed the connection", link.channel.name.lower())
 

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL = 0.25  # seconds between status lines
 SEND_TIMEOUT = 2.0  # a client that reads slower than this is dropped
+MAX_CLIENTS = 16  # more are refused at accept
 MAX_LINE = 1 << 20
 
 Snapshot = Callable[[], dict[str, Any]]
@@ -40,8 +41,9 @@ class StatusServer(threading.Thread):
         super().__init__(name="umemd-status", daemon=True)
         self.snapshot = snapshot
         self._clients: list[socket.socket] = []
-        self._lock = threading.Lock()  # _clients: the status thread and update()'s caller
+        self._lock = threading.Lock()  # _clients and _final: the status thread and update()'s caller
         self._finished = threading.Event()
+        self._final = False  # the last line is sent: nothing may follow it
         try:
             self._listener = socket.create_server((endpoint.host, endpoint.port), reuse_port=False)
         except OSError as e:
@@ -64,14 +66,16 @@ class StatusServer(threading.Thread):
             self._broadcast(self.snapshot())
 
     def finish(self, last: dict[str, Any]) -> None:
-        """Send ``last`` to every client, close them and stop."""
+        """Send ``last`` to every client, close them and stop: no line can follow it."""
         self._finished.set()
+        self._broadcast(last, final=True)
+        with self._lock:
+            for client in self._clients:
+                with contextlib.suppress(OSError):
+                    client.shutdown(socket.SHUT_WR)
+                client.close()
+            self._clients.clear()
         self.join(INTERVAL * 4)
-        self._broadcast(last)
-        for client in self._clients:
-            with contextlib.suppress(OSError):
-                client.shutdown(socket.SHUT_WR)
-            client.close()
         self._listener.close()
 
     def _accept(self) -> None:
@@ -84,12 +88,19 @@ class StatusServer(threading.Thread):
             return
         client.settimeout(SEND_TIMEOUT)
         with self._lock:
+            if len(self._clients) >= MAX_CLIENTS or self._final:
+                log.warning("status client %s:%d refused: %d clients already", peer[0], peer[1], MAX_CLIENTS)
+                client.close()
+                return
             self._clients.append(client)
         log.info("status client %s:%d connected", *peer[:2])
 
-    def _broadcast(self, doc: dict[str, Any]) -> None:
+    def _broadcast(self, doc: dict[str, Any], final: bool = False) -> None:
         line = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
         with self._lock:
+            if self._final:
+                return
+            self._final = final
             for client in list(self._clients):
                 try:
                     client.sendall(line)

@@ -37,7 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, cast
 
-from umemd.errors import ConnectError, LocalProtocolError, MigrationMismatchError, RemoteProtocolError, UmemError
+from umemd.errors import (
+    AuthenticationError,
+    ConnectError,
+    LocalProtocolError,
+    MigrationMismatchError,
+    RemoteProtocolError,
+    UmemError,
+)
 from umemd.protocol import (
     HEADER,
     LIVE,
@@ -299,6 +306,11 @@ def _tls_handshake(sock: ssl.SSLSocket, deadline: Deadline) -> None:
             select.select([], [sock], [], deadline.left())
 
 
+# What a peer's ERROR during the handshake raises: these two are not retried by a connecting side.
+_REFUSALS: dict[int, type[RemoteProtocolError]] = {ErrorCode.MIGRATION: MigrationMismatchError,
+                                                   ErrorCode.AUTH: AuthenticationError}
+
+
 def _handshake(sock: socket.socket, role: Role, key: bytes, migration_id: bytes, peer: str,
                channel: Channel | None, deadline: Deadline, peer_timeout: float) -> Link:
     """Run the handshake on a fresh socket; ``channel`` None: the one the peer's HELLO names."""
@@ -326,8 +338,9 @@ def _handshake(sock: socket.socket, role: Role, key: bytes, migration_id: bytes,
                     link.pending = events[i + 1:]  # e.g. the source's INFO, in the same segment
                     return link
                 if isinstance(event, PeerError):
-                    error = MigrationMismatchError if event.code == ErrorCode.MIGRATION else RemoteProtocolError
-                    raise error(f"the peer refused the connection: {event.reason}")
+                    error = _REFUSALS.get(event.code, RemoteProtocolError)
+                    hint = " (the same --key-file on both hosts?)" if error is AuthenticationError else ""
+                    raise error(f"the peer refused the connection: {event.reason}{hint}")
                 raise RemoteProtocolError(f"{type(event).__name__} before the handshake finished")
             deadline.arm(sock)
             events = link.receive()
@@ -412,8 +425,8 @@ class Dialer:
                     return self._hand_out(link)
             try:
                 link = self._connect(channel)
-            except MigrationMismatchError:
-                raise
+            except (MigrationMismatchError, AuthenticationError):
+                raise  # a stale daemon, or the wrong key: retrying cannot help
             except (ConnectError, RemoteProtocolError) as e:
                 log.warning("%s channel: %s; retrying in %.1f s", channel.name.lower(), e, delay)
                 self._stop.wait(delay)

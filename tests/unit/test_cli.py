@@ -92,3 +92,65 @@ def test_serve_needs_qmp_or_the_operators_word(capsys: pytest.CaptureFixture[str
         cli.main(["serve", "ram", "--connect", "127.0.0.1:1", "--key-file", "k", "--migration-id", "00" * 16])
     assert info.value.code == cli.EXIT_USAGE
     assert "one of the arguments --qmp --guest-stopped-for-good is required" in capsys.readouterr().err
+
+
+def key_file(tmp_path: Path, text: str = "ab" * 32 + "\n", mode: int = 0o600) -> Path:
+    key = tmp_path / "key"
+    key.write_text(text)
+    key.chmod(mode)
+    return key
+
+
+SERVE = ["serve", "RAM", "--connect", "127.0.0.1:9", "--migration-id", "00" * 16, "--guest-stopped-for-good"]
+
+
+@pytest.fixture(autouse=True)
+def ram_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-page RAM file named RAM in the working directory, for the serve commands below."""
+    (tmp_path / "RAM").write_bytes(bytes(4096))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("prepage", ["0", "-3"])
+def test_prepage_below_one_is_refused_it_would_never_send_the_requested_page(
+        prepage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main([*SERVE, "--key-file", str(key_file(tmp_path)), "--prepage", prepage])
+    assert info.value.code == cli.EXIT_USAGE
+    assert "at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "mode", "message"), [
+    ("ab" * 32 + "\n", 0o644, "readable or writable by group or others (mode 0644): chmod 600"),
+    ("not hex at all, but long enough to pass for 32 bytes\n", 0o600, "does not hold a hex key"),
+    ("ab" * 8 + "\n", 0o600, "is 8 bytes; at least 32 are needed"),
+])
+def test_a_key_file_others_can_read_or_not_made_by_keygen_is_refused(
+        text: str, mode: int, message: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert cli.main([*SERVE, "--key-file", str(key_file(tmp_path, text, mode))]) == cli.EXIT_FAILED
+    assert message in caplog.text
+
+
+def test_keygen_never_overwrites_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    key = key_file(tmp_path)
+    assert cli.main(["keygen", str(key)]) == cli.EXIT_FAILED
+    assert "exists: keygen never overwrites a key" in caplog.text
+    assert key.read_text() == "ab" * 32 + "\n"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--tls-cert", "c.pem", "--tls-key", "k.pem"], "--tls-ca CA.pem"),
+    (["--tls-ca", "ca.pem"], "without --tls-cert"),
+    (["--tls-cert", "c.pem"], "--tls-cert needs --tls-key"),
+])
+def test_tls_without_a_verified_peer_is_refused_naming_the_fix(extra: list[str], message: str, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    assert cli.main([*SERVE, "--key-file", str(key_file(tmp_path)), *extra]) == cli.EXIT_FAILED
+    assert message in caplog.text
+
+
+def test_a_listening_side_needs_the_peers_name_with_a_ca(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    argv = ["serve", "RAM", "--listen", "127.0.0.1:0", "--migration-id", "00" * 16, "--guest-stopped-for-good",
+            "--key-file", str(key_file(tmp_path)), "--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-ca", "ca.pem"]
+    assert cli.main(argv) == cli.EXIT_FAILED
+    assert "needs --tls-name" in caplog.text

@@ -1,0 +1,68 @@
+"""Nothing hangs: a page server that stops answering is noticed within the
+peer timeout, a pull without a source gives up after its source timeout and
+leaves the instance to a restarted pull, and a pull whose instance is
+destroyed under it exits naming the device error. Every deadline is a
+multiple of a configured timeout."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+
+from umemd import Control, node_path
+
+from .conftest import PAGE, SOURCE_SIZE, Migration, free_port, wait_for
+from .test_pull import finish, started_but_unfinished
+
+PEER_TIMEOUT = 5.0  # seconds: generous for a loaded TCG guest, keepalives flow every 1.25 s
+
+
+def status_line(port: int) -> dict[str, object]:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        line: dict[str, object] = json.loads(s.makefile().readline())
+        return line
+
+
+def test_a_stopped_page_server_is_noticed_within_the_peer_timeout(migration: Migration) -> None:
+    status = free_port()
+    pull = migration.pull("--peer-timeout", str(PEER_TIMEOUT), "--status", f"127.0.0.1:{status}")
+    guest = migration.guest("random", threads=2, touches=100)
+    stopped = migration.serve("--max-push-rate", "16", "--peer-timeout", str(PEER_TIMEOUT))
+    started_but_unfinished(migration)
+    stopped.proc.send_signal(signal.SIGSTOP)  # alive to TCP (the kernel still acknowledges), silent to us
+    wait_for(lambda: pull.text().count("no word from") >= 2, "the pull to notice on both channels",
+             timeout=3 * PEER_TIMEOUT)
+    lost = status_line(status)["source_lost_since"]
+    assert isinstance(lost, float) and lost <= time.time(), lost
+    stopped.kill()
+    migration.serve()
+    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE
+
+
+def test_a_pull_without_a_source_exits_4_and_a_restarted_pull_completes_the_guest(migration: Migration) -> None:
+    source_timeout = 2 * PEER_TIMEOUT
+    args = ("--peer-timeout", str(PEER_TIMEOUT), "--source-timeout", str(source_timeout))
+    first = migration.pull(*args)
+    guest = migration.guest("random", threads=2, touches=100)
+    gone = migration.serve("--max-push-rate", "16")
+    started_but_unfinished(migration)
+    gone.kill()
+    assert first.wait(3 * (PEER_TIMEOUT + source_timeout)) == 4, first.text()
+    assert "no page server for" in first.text() and "it attaches" in first.text()
+    assert node_path(migration.name).exists(), "the instance must stay for a restarted pull"
+    migration.pull(*args)
+    migration.serve()
+    report = finish(migration, guest)
+    assert report["attached"] is True and report["present"] == SOURCE_SIZE // PAGE
+
+
+def test_a_pull_whose_instance_is_destroyed_exits_naming_the_device_error(migration: Migration) -> None:
+    pull = migration.pull()
+    migration.serve("--max-push-rate", "16")
+    started_but_unfinished(migration)
+    with Control() as control:
+        control.destroy(migration.name)
+    assert pull.wait(3 * PEER_TIMEOUT) == 1, "the pull kept going on a destroyed instance:\n" + pull.text()[-2000:]
+    assert "ENODEV" in pull.text().splitlines()[-1], pull.text()[-2000:]
