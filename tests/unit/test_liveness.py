@@ -278,3 +278,20 @@ def test_a_small_frame_behind_a_large_one_is_read_without_more_traffic(pki: dict
     finally:
         connector.close()
         listener.close()
+
+
+@pytest.mark.skipif(not socket.has_ipv6 or not Path("/proc/net/if_inet6").read_text().strip(),
+                    reason="no IPv6 on this host")
+def test_an_ipv6_listener_takes_a_source() -> None:
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    listener = Dialer(Role.DESTINATION, KEY, MIGRATION, Endpoint.parse(f"[::1]:{port}"), listen=True,
+                      peer_timeout=30)
+    connector = Dialer(Role.SOURCE, KEY, MIGRATION, Endpoint.parse(f"[::1]:{port}"), listen=False, peer_timeout=30)
+    try:
+        connector.link(Channel.PUSH)
+        assert listener.link(Channel.PUSH).channel is Channel.PUSH
+    finally:
+        connector.close()
+        listener.close()
