@@ -85,10 +85,13 @@ class TamperingRelay:
         """Source to destination, frame by frame."""
         with contextlib.suppress(OSError):
             hello = read_frame(client, authenticated=False)
-            auth = read_frame(client, authenticated=False) if hello else None
-            if hello is None or auth is None:
+            if hello is None:
                 return
-            server.sendall(hello + auth)
+            server.sendall(hello)  # the pull says HELLO only after the source's
+            auth = read_frame(client, authenticated=False)
+            if auth is None:
+                return
+            server.sendall(auth)
             push = hello[HEADER.size + 11] == Channel.PUSH  # the channel byte of the HELLO payload
             tamper = self.plan.pop(0) if push and self.plan else None
             released, held = False, b""
