@@ -295,3 +295,16 @@ def test_an_ipv6_listener_takes_a_source() -> None:
     finally:
         connector.close()
         listener.close()
+
+
+def test_a_peer_that_never_starts_tls_is_dropped_by_the_handshake_deadline(pki: dict[str, tuple[Path, Path]]) -> None:
+    port = free_port()
+    listener = Dialer(Role.DESTINATION, KEY, MIGRATION, Endpoint("127.0.0.1", port), listen=True,
+                      tls=TlsFiles(*pki["dst"], ca=pki["ca"][0], name="src.example"), peer_timeout=TIMEOUT)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10 * TIMEOUT) as silent:
+            started = time.monotonic()
+            assert silent.recv(1) == b"", "the TLS listener sent something to a peer that said nothing"
+            assert time.monotonic() - started < 3 * TIMEOUT, "a silent peer held a TLS handshake past its deadline"
+    finally:
+        listener.close()

@@ -422,3 +422,13 @@ def test_keepalives_carry_no_event_and_the_buffer_grows_only_after_auth() -> Non
     assert len(dst.receive_buffer()) == MAX_FRAME
     assert events(dst, src.send_keepalive() + src.send_info(RAM) + src.send_keepalive()) == [Info(RAM)]
     assert events(src, dst.send_keepalive()) == []
+
+
+def test_a_have_beyond_the_ram_size_is_refused_by_the_source() -> None:
+    """An out-of-range HAVE made the push spin without DONE (issue 11, finding 7)."""
+    src, dst = connected(Channel.PUSH)
+    events(dst, src.send_info(RAM))
+    forged = dst._sealed(frame(FrameType.HAVE, struct.pack("!QII", 0, PAGES + 8, 0) + bytes((PAGES + 8 + 7) // 8)))
+    with pytest.raises(RemoteProtocolError, match="beyond the RAM size"):
+        events(src, forged)
+    assert src.state is State.ERROR

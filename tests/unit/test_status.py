@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import socket
+import threading
 import time
 from typing import Any
 
@@ -12,7 +15,7 @@ import pytest
 
 from umemd import cli
 from umemd.migrate import QmpAddress, interval_series, read_status
-from umemd.status import StatusServer
+from umemd.status import MAX_CLIENTS, StatusServer
 from umemd.transport import Endpoint
 
 
@@ -93,3 +96,48 @@ def test_migrate_waits_for_a_page_server_and_says_when_none_came(caplog: pytest.
     assert status == cli.EXIT_FAILED
     assert "is still 'ready'" in caplog.text and "no page server is connected" in caplog.text
     assert "umemd serve" in caplog.text
+
+
+def test_no_line_follows_the_last_even_from_a_snapshot_under_way() -> None:
+    """The broadcast thread may be inside a snapshot when the pull sends its last line: that
+    snapshot must not reach a client after it."""
+    endpoint = free_endpoint()
+    inside, release = threading.Event(), threading.Event()
+    calls = itertools.count()
+
+    def slow_snapshot() -> dict[str, Any]:
+        if next(calls):  # the first returns at once; the second is under way when the pull finishes
+            inside.set()
+            release.wait(30)
+        return {"state": "pulling"}
+
+    server = StatusServer(endpoint, slow_snapshot)
+    with socket.create_connection((endpoint.host, endpoint.port), timeout=30) as client:
+        server.start()
+        inside.wait(30)  # the client was accepted before the first snapshot; the second has begun
+        finisher = threading.Thread(target=server.finish, args=({"state": "complete"},))
+        finisher.start()
+        while not server._final:  # the last line is out
+            time.sleep(0.01)
+        release.set()
+        finisher.join(30)
+        lines = client.makefile().read().splitlines()
+    assert lines and json.loads(lines[-1]) == {"state": "complete"}, lines
+
+
+def test_clients_beyond_the_limit_are_refused() -> None:
+    endpoint = free_endpoint()
+    server = StatusServer(endpoint, lambda: {"state": "pulling"})
+    server.start()
+    clients = [socket.create_connection((endpoint.host, endpoint.port), timeout=30)
+               for _ in range(MAX_CLIENTS + 4)]
+    try:
+        got = 0
+        for c in clients:
+            with contextlib.suppress(ConnectionResetError):
+                got += bool(c.recv(1))
+        assert got == MAX_CLIENTS
+    finally:
+        server.finish({"state": "complete"})
+        for c in clients:
+            c.close()
