@@ -171,11 +171,13 @@ class Puller:
             try:
                 for event in link.events():
                     if isinstance(event, Info):
-                        if event.ram_size != self.server.size:
-                            link.send_frame(link.conn.error_frame, ErrorCode.SIZE_MISMATCH, "RAM size differs")
-                            raise SizeMismatchError(
-                                f"the source serves {event.ram_size} bytes but instance {self.server.name!r} "
-                                f"has {self.server.size}: point umemd serve at this guest's RAM file")
+                        if event.ram_size != self.server.size:  # refused; the right source may come
+                            link.send_frame(link.conn.error_frame, ErrorCode.SIZE_MISMATCH,
+                                            f"RAM size differs: this instance has {self.server.size} bytes")
+                            log.error("%s channel: the source serves %d bytes but instance %r has %d: point "
+                                      "umemd serve at this guest's RAM file", channel.name.lower(),
+                                      event.ram_size, self.server.name, self.server.size)
+                            break
                         self.state = PullState.PULLING
                         self._link_up()
                         return link

@@ -85,6 +85,11 @@ class Umemd:
         finally:
             self._out.close()
 
+    def expect_exit(self, code: int, timeout: float = 60) -> None:
+        """It must end on its own with ``code`` (finish() then leaves it alone)."""
+        assert self.wait(timeout) == code, f"expected exit {code}:\n{self.text()[-3000:]}"
+        self.killed = True
+
     def kill(self) -> None:
         self.killed = True
         self.proc.send_signal(signal.SIGKILL)

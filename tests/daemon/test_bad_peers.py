@@ -49,7 +49,7 @@ def test_a_wrong_key_gets_no_page(migration: Migration, tmp_path: Path) -> None:
     wrong.write_text("ab" * 32 + "\n")
     wrong.chmod(0o600)
     impostor = migration.serve(key=wrong)
-    assert impostor.wait(60) == 1, "a serve with the wrong key must give up, not retry for ever"
+    impostor.expect_exit(1)  # the wrong key: it gives up, it does not retry for ever
     assert "authentication failed" in pull.text() and "the same --key-file on both hosts" in impostor.text()
     assert migration.present() == 0
     guest = migration.guest("sequential", threads=2, touches=50)
@@ -92,3 +92,14 @@ def test_fuzzed_connections_never_stop_the_daemons(migration: Migration) -> None
     guest = migration.guest("strided", threads=2, touches=50)
     migration.serve()
     assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE
+
+
+def test_a_serve_of_another_size_exits_1_naming_it(migration: Migration, tmp_path: Path) -> None:
+    pull = migration.pull()
+    small = tmp_path / "another-guests-ram"
+    small.write_bytes(b"\x11" * (16 * PAGE))
+    other = migration.serve(source=small)
+    other.expect_exit(1)  # no retry can fix a size: it said so and stopped (it retried for ever before)
+    assert f"not {16 * PAGE} bytes, the size of {small}" in other.text(), other.text()
+    assert "point umemd serve at this guest's RAM file" in pull.text()
+    assert pull.proc.poll() is None and migration.present() == 0

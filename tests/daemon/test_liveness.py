@@ -49,7 +49,7 @@ def test_a_pull_without_a_source_exits_4_and_a_restarted_pull_completes_the_gues
     gone = migration.serve("--max-push-rate", "16")
     started_but_unfinished(migration)
     gone.kill()
-    assert first.wait(3 * (PEER_TIMEOUT + source_timeout)) == 4, first.text()
+    first.expect_exit(4, timeout=3 * (PEER_TIMEOUT + source_timeout))
     assert "no page server for" in first.text() and "it attaches" in first.text()
     assert node_path(migration.name).exists(), "the instance must stay for a restarted pull"
     migration.pull(*args)
@@ -64,5 +64,5 @@ def test_a_pull_whose_instance_is_destroyed_exits_naming_the_device_error(migrat
     started_but_unfinished(migration)
     with Control() as control:
         control.destroy(migration.name)
-    assert pull.wait(3 * PEER_TIMEOUT) == 1, "the pull kept going on a destroyed instance:\n" + pull.text()[-2000:]
+    pull.expect_exit(1, timeout=3 * PEER_TIMEOUT)  # it kept going on a destroyed instance before
     assert "ENODEV" in pull.text().splitlines()[-1], pull.text()[-2000:]
