@@ -118,8 +118,9 @@ class Migration:
                   "--key-file", str(self.key), "--migration-id", self.migration_id, "--report", str(self.report),
                   *extra)
         self.daemons.append(d)
-        wait_for(lambda: node_path(self.name).exists() or d.proc.poll() is not None, "the instance node")
-        assert d.proc.poll() is None, d.text()
+        # The node comes before the listener: a peer connecting in between would be refused.
+        wait_for(lambda: "listening on" in d.text() or d.proc.poll() is not None, "the pull to listen")
+        assert d.proc.poll() is None and node_path(self.name).exists(), d.text()
         return d
 
     def serve(self, *extra: str, connect: str | None = None, netns: str | None = None,
