@@ -68,7 +68,7 @@ def free_port() -> int:
 
 
 class Umemd:
-    """One umemd process, its log in a file."""
+    """One umemd process, its log in a file (appended to: the logs of earlier runs stay before it)."""
 
     def __init__(self, log: Path, *args: str, netns: str | None = None) -> None:
         self.log = log
@@ -76,6 +76,7 @@ class Umemd:
         if netns:
             command = ["ip", "netns", "exec", netns, *command]
         self._out = open(log, "ab")  # noqa: SIM115 (closed in wait/kill)
+        self._start = self._out.tell()  # where this process's output begins
         self.proc = subprocess.Popen(command, stdout=self._out, stderr=subprocess.STDOUT)
         self.killed = False
 
@@ -96,7 +97,10 @@ class Umemd:
         self.wait(10)
 
     def text(self) -> str:
-        return self.log.read_text(errors="replace")
+        """This process's output only."""
+        with self.log.open("rb") as f:
+            f.seek(self._start)
+            return f.read().decode(errors="replace")
 
 
 class Migration:
