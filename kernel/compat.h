@@ -9,6 +9,7 @@
 #include <linux/device.h>
 #include <linux/fs.h>
 #include <linux/mm.h>
+#include <linux/shmem_fs.h>
 #include <linux/version.h>
 
 /* 6.2 made struct device_type's ->devnode() take a const device. */
@@ -66,5 +67,16 @@ static inline int umem_file_mmap(struct file *file, struct vm_area_struct *vma)
 #if LINUX_VERSION_CODE < KERNEL_VERSION(6, 12, 0)
 #define UMEM_HAVE_PAGE_WRITE_BEGIN
 #endif
+
+/* 7.0 made shmem_file_setup*() take a vma_flags_t instead of VM_* flags. */
+static inline struct file *umem_shmem_file_setup(struct vfsmount *mnt, const char *name,
+						 loff_t size, vm_flags_t flags)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(7, 0, 0)
+	return shmem_file_setup_with_mnt(mnt, name, size, legacy_to_vma_flags(flags));
+#else
+	return shmem_file_setup_with_mnt(mnt, name, size, flags);
+#endif
+}
 
 #endif /* UMEM_COMPAT_H */

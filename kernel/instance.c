@@ -88,7 +88,7 @@ struct umem_instance *umem_instance_new(const char *name, u64 size)
 	 * migration, and fills skip per-page accounting. First, so that a
 	 * CREATE refused for its size allocates no bitmaps (3 bits a page).
 	 */
-	inst->shmem = shmem_file_setup_with_mnt(umem_mnt, shmem_name, size, 0);
+	inst->shmem = umem_shmem_file_setup(umem_mnt, shmem_name, size, 0);
 	if (IS_ERR(inst->shmem)) {
 		err = PTR_ERR(inst->shmem);
 		inst->shmem = NULL;

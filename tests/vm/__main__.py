@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .console import PATTERNS, excerpt
-from .initramfs import DEFAULT_CACHE_DIR, InitramfsError, cached_initramfs, find_kernel
+from .initramfs import DEFAULT_CACHE_DIR, InitramfsError, cached_initramfs, find_kernel, find_kernel_in
 from .qemu import VMConfig, choose_accel, run_vm
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -101,6 +101,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="also stream the kernel console to stdout, prefixed [console]")
     add("--kernel", metavar="RELEASE",
         help="kernel release (default: newest in /lib/modules with a /boot/vmlinuz)")
+    add("--kernel-root", type=Path, metavar="DIR",
+        help="boot a kernel installed under DIR instead of the host's: DIR/boot/vmlinuz-RELEASE "
+             "and DIR/lib/modules/RELEASE, bound over /lib/modules/RELEASE in the guest "
+             "(the debug kernel, a newer Debian kernel)")
     add("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, metavar="DIR",
         help=f"initramfs and probe cache (default: {DEFAULT_CACHE_DIR})")
     return parser.parse_args(argv)
@@ -111,7 +115,8 @@ def main(argv: list[str]) -> int:
     # On SIGTERM, unwind: run_vm kills QEMU and removes its temporary files.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        kernel = find_kernel(args.kernel)
+        kernel = (find_kernel_in(args.kernel_root, args.kernel) if args.kernel_root
+                  else find_kernel(args.kernel))
         initramfs = cached_initramfs(kernel, args.cache_dir)
     except InitramfsError as e:
         print(f"umem-vm: error: {e}", file=sys.stderr)

@@ -3,7 +3,7 @@
 # in the initramfs as /init; per-run settings come from /etc/umem-vm/run.conf,
 # appended by tests/vm/qemu.py as a second archive:
 #   UMEM_VM_CHECKOUT, UMEM_VM_CHECKOUT_CACHE, UMEM_VM_NET, UMEM_VM_UDEV,
-#   UMEM_VM_STTY, and "$@" = env(1) arguments: NAME=VALUE... COMMAND ARG...
+#   UMEM_VM_STTY, UMEM_VM_MODULES, UMEM_VM_RELEASE, and "$@" = env(1) arguments: NAME=VALUE... COMMAND ARG...
 #
 # Stage "boot" (in the initramfs) loads the 9p modules, builds the root (the
 # host root read-only under a tmpfs overlay, the checkout read-write at its
@@ -73,6 +73,14 @@ boot() {
 	mkdir -p "$R$UMEM_VM_CHECKOUT"
 	mount -t 9p -o "rw,cache=$UMEM_VM_CHECKOUT_CACHE,$p9" checkout "$R$UMEM_VM_CHECKOUT" \
 		|| die "mount checkout"
+
+	# A kernel that is not the host's (--kernel-root): its modules, where
+	# modprobe looks for them.
+	if [ -n "$UMEM_VM_MODULES" ]; then
+		mkdir -p "$R/lib/modules/$UMEM_VM_RELEASE"
+		mount -o bind "$R$UMEM_VM_MODULES" "$R/lib/modules/$UMEM_VM_RELEASE" ||
+			die "bind $UMEM_VM_MODULES"
+	fi
 
 	mkdir -p "$R$STATE"
 	cp /bin/busybox /init "$R$STATE/"

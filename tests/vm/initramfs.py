@@ -80,6 +80,13 @@ def find_kernel(release: str | None = None, boot: Path = Path("/boot"),
     return max(found, key=lambda k: _version_key(k.release))
 
 
+def find_kernel_in(root: Path, release: str | None = None) -> Kernel:
+    """The newest kernel installed under ``root`` as under ``/``: ROOT/boot/vmlinuz-RELEASE
+    and ROOT/lib/modules/RELEASE (a debug kernel's ``make install``/``modules_install``
+    output, or a newer Debian kernel's packages unpacked there)."""
+    return find_kernel(release, root / "boot", root / "lib" / "modules")
+
+
 def module_name(path: str) -> str:
     """kernel/fs/9p/9p.ko.xz -> 9p; kvm-amd.ko -> kvm_amd."""
     base = path.rsplit("/", 1)[-1]

@@ -108,6 +108,13 @@ def runs_udev(cfg: VMConfig) -> bool:
     return cfg.udev or bool(cfg.udev_rules)
 
 
+def guest_modules_dir(kernel: Kernel) -> str:
+    """The kernel's modules directory when it is not the host's own
+    /lib/modules/RELEASE (the init binds it there), else ""."""
+    own = Path("/lib/modules") / kernel.release
+    return "" if kernel.modules_dir.resolve() == own.resolve() else str(kernel.modules_dir)
+
+
 def run_files(cfg: VMConfig) -> dict[str, bytes]:
     """The per-run files: run.conf (sourced by init.sh) and udev rules."""
     stty = ""
@@ -121,6 +128,8 @@ def run_files(cfg: VMConfig) -> dict[str, bytes]:
         f"UMEM_VM_NET={int(cfg.net or bool(cfg.hostfwd))}",
         f"UMEM_VM_UDEV={int(runs_udev(cfg))}",
         f"UMEM_VM_STTY={shlex.quote(stty)}",
+        f"UMEM_VM_MODULES={shlex.quote(guest_modules_dir(cfg.kernel))}",
+        f"UMEM_VM_RELEASE={shlex.quote(cfg.kernel.release)}",
         "set -- " + " ".join(shlex.quote(a) for a in env_args + cfg.command),
     ]
     files = {"etc/umem-vm/run.conf": "\n".join(conf).encode() + b"\n"}
