@@ -27,6 +27,8 @@ VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev --env UMEM
 -include qemu-patches/qemu.mk
 
 .PHONY: help setup apt venv abi kmod check lint unit kmod-strict dkms-check test test-kernel \
+	kbuild-apt debug-kernel test-kernel-debug test-kernel-debug-canary chroots kmod-newer \
+	test-kernel-newest \
 	bench-kernel bench-kernel-profile bench-daemon bench-daemon-profile demo demo-banner \
 	test-e2e clean
 
@@ -41,18 +43,26 @@ help:
 	@echo "make bench-kernel umem fault round trip and fill throughput vs userfaultfd (one VM boot)"
 	@echo "make bench-daemon umemd push vs raw TCP, fault latency with/without push, pre-paging (one VM boot)"
 	@echo "make setup        install apt packages, the venv, the cffi binding and the module"
+	@echo "make test-kernel-debug         the kernel suite on a KASAN/lockdep/kmemleak build of Debian's 6.1"
+	@echo "make test-kernel-debug-canary  the same lane must fail on planted bugs (KASAN + lockdep reports)"
+	@echo "make kmod-newer   the module built with W=1 against Debian 13's and the newest Debian kernel"
+	@echo "make test-kernel-newest        the kernel suite in a VM booting the newest Debian kernel"
 
 setup: apt venv abi kmod
 
-# Debian packages: installed only when one is missing.
-apt:
-	@missing=$$(for p in $(APT_PACKAGES); do \
+# Debian packages: installed only when one is missing. $(call apt-install,PACKAGES)
+define apt-install
+	@missing=$$(for p in $(1); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; \
 	done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
+endef
+
+apt:
+	$(call apt-install,$(APT_PACKAGES))
 	@ls -d /lib/modules/*/build >/dev/null 2>&1 || { \
 		echo "no kernel build tree under /lib/modules: linux-headers-amd64 did not install" >&2; exit 1; }
 
@@ -171,3 +181,66 @@ test-daemon: abi kmod
 	$(PY) -m compileall -q daemon tests
 	$(VM) $(VM_KERNEL_ARGS) --timeout 1500 --console-log $(BUILD)/vm-daemon-console.log -- \
 		$(PY) -m pytest tests/daemon $(PYTEST_ARGS)
+
+# Issue 12's evidence lanes (docs/testing.md): not in `make test`, they do not
+# fit CI's 90 minutes from cold. Kernel builds run under nice -n 19, make -j2.
+KBUILD_PACKAGES := flex bison bc libelf-dev libssl-dev xz-utils debootstrap
+CHROOTS := $(CACHE)/chroots
+# Pinned kernels: Debian 13's, and the newest Debian ships (unstable).
+TRIXIE_KERNEL := 6.12.117+deb13-amd64
+NEWEST_SUITE := sid
+NEWEST_KERNEL := 7.2.13+deb14-amd64
+NEWEST_ROOT := $(CACHE)/kernels/$(NEWEST_KERNEL)
+DEBUG_ROOT = $(shell cat $(BUILD)/debug-kernel.root)
+LANE_TIMEOUT ?= 7200
+# $(call suite-in-vm,KERNEL_ROOT,UMEM_KO,CONSOLE_LOG): the kernel suite (stress test
+# included, kmemleak scan at the end) in a VM booting that kernel.
+suite-in-vm = $(VM) --kernel-root $(1) --console-log $(3) --udev --env UMEM_IN_VM=1 \
+	--env UMEM_KMOD=$(CURDIR)/$(2) --timeout $(LANE_TIMEOUT) -- \
+	sh tests/kbuild/suite-in-vm.sh $(CURDIR)/$(2) $(PYTEST_ARGS)
+
+kbuild-apt:
+	$(call apt-install,$(KBUILD_PACKAGES))
+
+# Debian's linux-source of the tested kernel, built once per source version and config
+# (tests/kbuild/debug-kernel.config) under $(CACHE)/debug-kernel.
+debug-kernel: apt kbuild-apt
+	@mkdir -p $(BUILD)
+	tests/kbuild/debug-kernel.sh $(CACHE)/debug-kernel >$(BUILD)/debug-kernel.root.tmp
+	@mv $(BUILD)/debug-kernel.root.tmp $(BUILD)/debug-kernel.root
+	@echo "debug kernel: $(DEBUG_ROOT)"
+
+test-kernel-debug: abi debug-kernel $(BUILD)/kvm_guest
+	tests/kbuild/kmod-tree.sh $(DEBUG_ROOT) $(BUILD)/kmod-debug
+	$(PY) -m compileall -q daemon tests
+	$(call suite-in-vm,$(DEBUG_ROOT),$(BUILD)/kmod-debug/umem.ko,$(BUILD)/vm-kernel-debug-console.log)
+
+# The same lane with kernel/canary.c built in: it must fail, with KASAN's and lockdep's reports.
+CANARY_LOG := $(BUILD)/vm-kernel-debug-canary-console.log
+test-kernel-debug-canary: abi debug-kernel $(BUILD)/kvm_guest
+	tests/kbuild/kmod-tree.sh $(DEBUG_ROOT) $(BUILD)/kmod-debug-canary UMEM_CANARY=1
+	$(PY) -m compileall -q daemon tests
+	@if $(call suite-in-vm,$(DEBUG_ROOT),$(BUILD)/kmod-debug-canary/umem.ko,$(CANARY_LOG)); then \
+		echo "canary: the debug lane PASSED with the planted bugs: it cannot fail" >&2; exit 1; fi
+	@grep -m1 'BUG: KASAN: use-after-free' $(CANARY_LOG) || \
+		{ echo "canary: no KASAN use-after-free report in $(CANARY_LOG)" >&2; exit 1; }
+	@grep -m1 'WARNING: possible circular locking dependency detected' $(CANARY_LOG) || \
+		{ echo "canary: no lockdep report in $(CANARY_LOG)" >&2; exit 1; }
+	@echo "canary: the debug lane failed on the planted bugs, with KASAN's and lockdep's reports: ok"
+
+# Chroots of Debian 13 and unstable under $(CACHE)/chroots, for their compilers and headers.
+chroots: kbuild-apt
+	tests/kbuild/chroot.sh trixie $(CHROOTS)/trixie linux-headers-$(TRIXIE_KERNEL)
+	tests/kbuild/chroot.sh $(NEWEST_SUITE) $(CHROOTS)/$(NEWEST_SUITE) linux-headers-$(NEWEST_KERNEL)
+
+# W=1, warnings fail: Debian 12's 6.1 is `make kmod-strict`; here 6.12 and the newest.
+kmod-newer: chroots
+	@mkdir -p $(BUILD)
+	tests/kbuild/kmod-chroot.sh $(CHROOTS)/trixie $(TRIXIE_KERNEL) $(BUILD)/kmod-trixie.log
+	tests/kbuild/kmod-chroot.sh $(CHROOTS)/$(NEWEST_SUITE) $(NEWEST_KERNEL) \
+		$(BUILD)/kmod-$(NEWEST_SUITE).log $(BUILD)/kmod-newest
+
+test-kernel-newest: abi kmod-newer $(BUILD)/kvm_guest
+	tests/kbuild/debian-kernel.sh $(CHROOTS)/$(NEWEST_SUITE) $(NEWEST_KERNEL) $(NEWEST_ROOT)
+	$(PY) -m compileall -q daemon tests
+	$(call suite-in-vm,$(NEWEST_ROOT),$(BUILD)/kmod-newest/umem.ko,$(BUILD)/vm-kernel-newest-console.log)

@@ -1,13 +1,14 @@
 #!/bin/bash
-# tests/kbuild/kmod-chroot.sh CHROOT LOG: build kernel/ with W=1 inside CHROOT
-# (tests/kbuild/chroot.sh made it) against the newest kernel headers there,
+# tests/kbuild/kmod-chroot.sh CHROOT RELEASE LOG [OUT]: build kernel/ with W=1
+# inside CHROOT (tests/kbuild/chroot.sh made it) against the headers of kernel
+# RELEASE there (linux-headers-RELEASE),
 # with that release's compiler; fail on any compiler warning, as
 # `setup.py build_kmod --strict` does for the host's kernel.  The sources are
-# copied into CHROOT/build/umem: nothing in the checkout is written.
+# copied into CHROOT/build/umem: nothing in the checkout is written; with
+# OUT, the module is copied to OUT/umem.ko (for the VM to load).
 set -euo pipefail
-root=$1 log=$2
+root=$1 release=$2 log=$3 out=${4:-}
 checkout=$(cd "$(dirname "$0")/../.." && pwd)
-release=$(ls "$root/lib/modules" | sort -V | tail -n 1)
 [ -d "$root/lib/modules/$release/build" ] || { echo "no kernel headers in $root" >&2; exit 1; }
 rm -rf "$root/build/umem"
 mkdir -p "$root/build/umem"
@@ -24,4 +25,8 @@ echo "kernel/ against $release (gcc $gcc), W=1: exit $rc, $warnings warning line
 if [ "$rc" != 0 ] || [ "$warnings" != 0 ]; then
 	grep -E 'warning:|error:' "$log" | head -n 20 >&2
 	exit 1
+fi
+if [ -n "$out" ]; then
+	mkdir -p "$out"
+	cp "$root/build/umem/umem.ko" "$out/umem.ko"
 fi
