@@ -208,7 +208,7 @@ debug-kernel: apt kbuild-apt
 	@mkdir -p $(BUILD)
 	tests/kbuild/debug-kernel.sh $(CACHE)/debug-kernel >$(BUILD)/debug-kernel.root.tmp
 	@mv $(BUILD)/debug-kernel.root.tmp $(BUILD)/debug-kernel.root
-	@echo "debug kernel: $(DEBUG_ROOT)"
+	@echo "debug kernel: $$(cat $(BUILD)/debug-kernel.root)"
 
 test-kernel-debug: abi debug-kernel $(BUILD)/kvm_guest
 	tests/kbuild/kmod-tree.sh $(DEBUG_ROOT) $(BUILD)/kmod-debug

@@ -16,7 +16,7 @@ mkdir -p "$root/tmp/umem-kernel" "$out.tmp"
 # linux-binary-RELEASE (vmlinuz), linux-modules-RELEASE and friends.
 parts=$(chroot "$root" apt-cache show "$pkg" | sed -n 's/^Depends: //p' | head -n 1 | tr ',' '\n' |
 	sed -n "s/^ *\(linux-[a-z-]*-$release\)\b.*/\1/p" | sort -u | tr '\n' ' ')
-chroot "$root" sh -c "cd /tmp/umem-kernel && apt-get download -q $pkg $parts" 2>&1 |
+chroot "$root" sh -c "cd /tmp/umem-kernel && apt-get download -qq $pkg $parts" 2>&1 |
 	grep -v '^W: Download is performed unsandboxed' >&2 || true
 for deb in "$root"/tmp/umem-kernel/*.deb; do
 	dpkg-deb -x "$deb" "$out.tmp"
