@@ -193,10 +193,10 @@ NEWEST_KERNEL := 7.2.13+deb14-amd64
 NEWEST_ROOT := $(CACHE)/kernels/$(NEWEST_KERNEL)
 DEBUG_ROOT = $(shell cat $(BUILD)/debug-kernel.root)
 LANE_TIMEOUT ?= 7200
-# $(call suite-in-vm,KERNEL_ROOT,UMEM_KO,CONSOLE_LOG): the kernel suite (stress test
-# included, kmemleak scan at the end) in a VM booting that kernel.
+# $(call suite-in-vm,KERNEL_ROOT,UMEM_KO,CONSOLE_LOG[,VM_OPTIONS]): the kernel suite
+# (stress test included, kmemleak scan at the end) in a VM booting that kernel.
 suite-in-vm = $(VM) --kernel-root $(1) --console-log $(3) --udev --env UMEM_IN_VM=1 \
-	--env UMEM_KMOD=$(CURDIR)/$(2) --timeout $(LANE_TIMEOUT) -- \
+	--env UMEM_KMOD=$(CURDIR)/$(2) --timeout $(LANE_TIMEOUT) $(4) -- \
 	sh tests/kbuild/suite-in-vm.sh $(CURDIR)/$(2) $(PYTEST_ARGS)
 
 kbuild-apt:
@@ -215,18 +215,27 @@ test-kernel-debug: abi debug-kernel $(BUILD)/kvm_guest
 	$(PY) -m compileall -q daemon tests
 	$(call suite-in-vm,$(DEBUG_ROOT),$(BUILD)/kmod-debug/umem.ko,$(BUILD)/vm-kernel-debug-console.log)
 
-# The same lane with kernel/canary.c built in: it must fail, with KASAN's and lockdep's reports.
+# The same lane with kernel/canary.c built in: it must fail, twice. A planted leak must
+# show in the kmemleak scan (one boot, a short part of the suite), and a planted lock
+# inversion and use-after-free must bring lockdep's and KASAN's reports (another boot).
+CANARY_KO := $(BUILD)/kmod-debug-canary/umem.ko
 CANARY_LOG := $(BUILD)/vm-kernel-debug-canary-console.log
+CANARY_LEAK_OUT := $(BUILD)/kernel-debug-canary-leak.out
 test-kernel-debug-canary: abi debug-kernel $(BUILD)/kvm_guest
 	tests/kbuild/kmod-tree.sh $(DEBUG_ROOT) $(BUILD)/kmod-debug-canary UMEM_CANARY=1
 	$(PY) -m compileall -q daemon tests
-	@if $(call suite-in-vm,$(DEBUG_ROOT),$(BUILD)/kmod-debug-canary/umem.ko,$(CANARY_LOG)); then \
+	@set -o pipefail; if $(call suite-in-vm,$(DEBUG_ROOT),$(CANARY_KO),$(BUILD)/vm-kernel-debug-canary-leak-console.log,\
+		--env UMEM_CANARY_MODE=leak --env UMEM_SUITE=tests/kernel/test_lifecycle.py) | tee $(CANARY_LEAK_OUT); then \
+		echo "canary: the debug lane PASSED with a planted leak: kmemleak cannot fail it" >&2; exit 1; fi
+	@grep -E "kmemleak: [0-9]+ unreferenced object\(s\) after the suite, [1-9][0-9]* of them umem's" \
+		$(CANARY_LEAK_OUT) || { echo "canary: no umem leak in kmemleak's report" >&2; exit 1; }
+	@if $(call suite-in-vm,$(DEBUG_ROOT),$(CANARY_KO),$(CANARY_LOG)); then \
 		echo "canary: the debug lane PASSED with the planted bugs: it cannot fail" >&2; exit 1; fi
 	@grep -m1 'BUG: KASAN: use-after-free' $(CANARY_LOG) || \
 		{ echo "canary: no KASAN use-after-free report in $(CANARY_LOG)" >&2; exit 1; }
 	@grep -m1 'WARNING: possible circular locking dependency detected' $(CANARY_LOG) || \
 		{ echo "canary: no lockdep report in $(CANARY_LOG)" >&2; exit 1; }
-	@echo "canary: the debug lane failed on the planted bugs, with KASAN's and lockdep's reports: ok"
+	@echo "canary: the debug lane failed on each planted bug, with kmemleak's, KASAN's and lockdep's reports: ok"
 
 # Chroots of Debian 13 and unstable under $(CACHE)/chroots, for their compilers and headers.
 chroots: kbuild-apt

@@ -9,13 +9,16 @@
  * an AB-BA inversion lockdep reports as a possible circular locking
  * dependency (no deadlock: one thread, one order after the other), then
  * reads a freed allocation, a use-after-free KASAN reports.  Lockdep goes
- * first: KASAN's report panics the VM (panic_on_warn).
+ * first: KASAN's report panics the VM (panic_on_warn).  Writing "leak"
+ * instead drops the only pointer to an allocation, a leak the lane's
+ * kmemleak scan must attribute to umem.
  */
 #include <linux/compiler.h>
 #include <linux/moduleparam.h>
 #include <linux/mutex.h>
 #include <linux/printk.h>
 #include <linux/slab.h>
+#include <linux/string.h>
 
 static DEFINE_MUTEX(umem_canary_a);
 static DEFINE_MUTEX(umem_canary_b);
@@ -47,11 +50,27 @@ static int umem_canary_use_after_free(void)
 	return v == 42 ? 0 : 1;
 }
 
+static int umem_canary_leak(void)
+{
+	void *p = kmalloc(200, GFP_KERNEL);
+
+	if (!p)
+		return -ENOMEM;
+	memset(p, 0x5a, 200);
+	OPTIMIZER_HIDE_VAR(p);
+	return 0;
+}
+
 static int umem_canary_set(const char *val, const struct kernel_param *kp)
 {
 	bool fire;
-	int ret = kstrtobool(val, &fire);
+	int ret;
 
+	if (sysfs_streq(val, "leak")) {
+		pr_warn("umem: canary: leaking an allocation\n");
+		return umem_canary_leak();
+	}
+	ret = kstrtobool(val, &fire);
 	if (ret || !fire)
 		return ret;
 	pr_warn("umem: canary: planting an AB-BA lock inversion and a use-after-free\n");
@@ -64,4 +83,4 @@ static const struct kernel_param_ops umem_canary_ops = {
 };
 
 module_param_cb(canary, &umem_canary_ops, NULL, 0200);
-MODULE_PARM_DESC(canary, "debug lane canary: write 1 to plant a lock inversion and a use-after-free");
+MODULE_PARM_DESC(canary, "debug lane canary: 1 plants a lock inversion and a use-after-free, leak a leak");

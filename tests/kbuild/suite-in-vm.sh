@@ -2,8 +2,10 @@
 # tests/kbuild/suite-in-vm.sh KO [PYTEST_ARG...]: the kernel suite on a kernel
 # other than Debian 12's (make test-kernel-debug, -debug-canary, -newest), run
 # inside the test VM: load KO, fire the canary if KO was built with it
-# (UMEM_CANARY=1), run tests/kernel (the stress test included), then, on a
-# kmemleak kernel, scan for leaks and fail on any report that names umem.
+# (UMEM_CANARY=1; $UMEM_CANARY_MODE, default 1, is what it is sent: 1 for
+# the lock inversion and use-after-free, leak for a leak), run tests/kernel
+# (the stress test included; $UMEM_SUITE narrows it), then, on a kmemleak
+# kernel, scan for leaks and fail on any report that names umem.
 set -u
 ko=$1
 shift
@@ -13,10 +15,10 @@ leaks=/sys/kernel/debug/kmemleak
 insmod "$ko" || exit 1
 udevadm settle
 if [ -e /sys/module/umem/parameters/canary ]; then
-	echo "suite-in-vm: firing the canary (a lock inversion, then a use-after-free)"
-	echo 1 >/sys/module/umem/parameters/canary
+	echo "suite-in-vm: firing the canary: ${UMEM_CANARY_MODE:-1}"
+	echo "${UMEM_CANARY_MODE:-1}" >/sys/module/umem/parameters/canary
 fi
-python -m pytest tests/kernel "$@"
+python -m pytest "${UMEM_SUITE:-tests/kernel}" "$@"
 rc=$?
 [ -e "$leaks" ] || exit $rc
 
