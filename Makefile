@@ -206,8 +206,8 @@ kbuild-apt:
 # (tests/kbuild/debug-kernel.config) under $(CACHE)/debug-kernel.
 debug-kernel: apt kbuild-apt
 	@mkdir -p $(BUILD)
-	tests/kbuild/debug-kernel.sh $(CACHE)/debug-kernel >$(BUILD)/debug-kernel.root.tmp
-	@mv $(BUILD)/debug-kernel.root.tmp $(BUILD)/debug-kernel.root
+	tests/kbuild/debug-kernel.sh $(CACHE)/debug-kernel >$(BUILD)/debug-kernel.root.$$$$ && \
+		mv $(BUILD)/debug-kernel.root.$$$$ $(BUILD)/debug-kernel.root
 	@echo "debug kernel: $$(cat $(BUILD)/debug-kernel.root)"
 
 test-kernel-debug: abi debug-kernel $(BUILD)/kvm_guest
