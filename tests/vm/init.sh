@@ -3,7 +3,8 @@
 # in the initramfs as /init; per-run settings come from /etc/umem-vm/run.conf,
 # appended by tests/vm/qemu.py as a second archive:
 #   UMEM_VM_CHECKOUT, UMEM_VM_CHECKOUT_CACHE, UMEM_VM_NET, UMEM_VM_UDEV,
-#   UMEM_VM_STTY, UMEM_VM_MODULES, UMEM_VM_RELEASE, and "$@" = env(1) arguments: NAME=VALUE... COMMAND ARG...
+#   UMEM_VM_STTY, UMEM_VM_MODULES, UMEM_VM_RELEASE (--kernel-root), and
+#   "$@" = env(1) arguments: NAME=VALUE... COMMAND ARG...
 #
 # Stage "boot" (in the initramfs) loads the 9p modules, builds the root (the
 # host root read-only under a tmpfs overlay, the checkout read-write at its
