@@ -114,12 +114,15 @@ $(BUILD)/kvm_guest: tests/kernel/kvm_guest.c | apt
 	@mkdir -p $(BUILD)
 	gcc -O2 -Wall -Wextra -Werror -o $@ $<
 
-# The kernel suite, inside a VM booting Debian's own kernel.
 $(BUILD)/fault_flood: tests/kernel/fault_flood.c | apt
 	@mkdir -p $(BUILD)
 	gcc -O2 -Wall -Wextra -Werror -o $@ $< -lpthread
 
-test-kernel: abi kmod $(BUILD)/kvm_guest $(BUILD)/fault_flood
+# The helper binaries the kernel suite runs, on whichever kernel it runs.
+KERNEL_SUITE_BINS := $(BUILD)/kvm_guest $(BUILD)/fault_flood
+
+# The kernel suite, inside a VM booting Debian's own kernel.
+test-kernel: abi kmod $(KERNEL_SUITE_BINS)
 	$(PY) -m compileall -q daemon tests
 	$(VM) $(VM_KERNEL_ARGS) -- $(PY) -m pytest tests/kernel $(PYTEST_ARGS)
 
@@ -214,7 +217,7 @@ debug-kernel: apt kbuild-apt
 		mv $(BUILD)/debug-kernel.root.$$$$ $(BUILD)/debug-kernel.root
 	@echo "debug kernel: $$(cat $(BUILD)/debug-kernel.root)"
 
-test-kernel-debug: abi debug-kernel $(BUILD)/kvm_guest
+test-kernel-debug: abi debug-kernel $(KERNEL_SUITE_BINS)
 	tests/kbuild/kmod-tree.sh $(DEBUG_ROOT) $(BUILD)/kmod-debug
 	$(PY) -m compileall -q daemon tests
 	$(call suite-in-vm,$(DEBUG_ROOT),$(BUILD)/kmod-debug/umem.ko,$(BUILD)/vm-kernel-debug-console.log)
@@ -225,7 +228,7 @@ test-kernel-debug: abi debug-kernel $(BUILD)/kvm_guest
 CANARY_KO := $(BUILD)/kmod-debug-canary/umem.ko
 CANARY_LOG := $(BUILD)/vm-kernel-debug-canary-console.log
 CANARY_LEAK_OUT := $(BUILD)/kernel-debug-canary-leak.out
-test-kernel-debug-canary: abi debug-kernel $(BUILD)/kvm_guest
+test-kernel-debug-canary: abi debug-kernel $(KERNEL_SUITE_BINS)
 	tests/kbuild/kmod-tree.sh $(DEBUG_ROOT) $(BUILD)/kmod-debug-canary UMEM_CANARY=1
 	$(PY) -m compileall -q daemon tests
 	@set -o pipefail; if $(call suite-in-vm,$(DEBUG_ROOT),$(CANARY_KO),$(BUILD)/vm-kernel-debug-canary-leak-console.log,\
@@ -253,7 +256,7 @@ kmod-newer: chroots
 	tests/kbuild/kmod-chroot.sh $(CHROOTS)/$(NEWEST_SUITE) $(NEWEST_KERNEL) \
 		$(BUILD)/kmod-$(NEWEST_SUITE).log $(BUILD)/kmod-newest
 
-test-kernel-newest: abi kmod-newer $(BUILD)/kvm_guest
+test-kernel-newest: abi kmod-newer $(KERNEL_SUITE_BINS)
 	tests/kbuild/debian-kernel.sh $(CHROOTS)/$(NEWEST_SUITE) $(NEWEST_KERNEL) $(NEWEST_ROOT)
 	$(PY) -m compileall -q daemon tests
 	$(call suite-in-vm,$(NEWEST_ROOT),$(BUILD)/kmod-newest/umem.ko,$(BUILD)/vm-kernel-newest-console.log)
