@@ -166,27 +166,51 @@ static int umem_copy_page(struct umem_instance *inst, pgoff_t pgoff,
 }
 #else
 /*
- * Newer write_begin signatures: take the page zeroed, then copy. No page
- * lock is held during the copy.
+ * Newer write_begin signatures: take the page zeroed, then copy. As above,
+ * the source is faulted in first and copied with page faults disabled, here
+ * under the folio lock: a truncation (MADV_REMOVE) of this page while the
+ * source was being faulted in took the folio out of the mapping, and the
+ * copy would land in a page nobody can see while the page is marked
+ * present. So the copy goes only into a folio still in the mapping, and is
+ * retried otherwise.
  */
 static int umem_copy_page(struct umem_instance *inst, pgoff_t pgoff,
 			  const void __user *src)
 {
 	struct address_space *mapping = inst->shmem->f_mapping;
 	unsigned long left;
+	struct folio *folio;
 	struct page *page;
 	void *dst;
 
-	page = shmem_read_mapping_page_gfp(mapping, pgoff, mapping_gfp_mask(mapping));
-	if (IS_ERR(page))
-		return PTR_ERR(page);
-	dst = kmap_local_page(page);
-	left = copy_from_user(dst, src, PAGE_SIZE);
-	kunmap_local(dst);
-	flush_dcache_page(page);
-	set_page_dirty(page);
-	put_page(page);
-	return left ? -EFAULT : 0;
+	for (;;) {
+		if (fault_in_readable(src, PAGE_SIZE))
+			return -EFAULT;
+		page = shmem_read_mapping_page_gfp(mapping, pgoff,
+						   mapping_gfp_mask(mapping));
+		if (IS_ERR(page))
+			return PTR_ERR(page);
+		folio = page_folio(page);
+		left = PAGE_SIZE;
+		folio_lock(folio);
+		if (folio->mapping == mapping) {
+			dst = kmap_local_page(page);
+			pagefault_disable();
+			left = __copy_from_user_inatomic(dst, src, PAGE_SIZE);
+			pagefault_enable();
+			kunmap_local(dst);
+			flush_dcache_page(page);
+			if (!left)
+				folio_mark_dirty(folio);
+		}
+		folio_unlock(folio);
+		folio_put(folio);
+		if (!left)
+			return 0;
+		if (fatal_signal_pending(current))
+			return -EINTR;
+		cond_resched();
+	}
 }
 #endif
 
