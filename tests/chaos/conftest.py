@@ -35,8 +35,9 @@ RECORDS: list[Record] = []
 __all__ = ["guest"]
 
 
-def pytest_report_header() -> str:
-    return f"chaos: CHAOS_SEED={SEED}, {len(ONLY) or RUNS} runs (replay: CHAOS_SEED={SEED} make test-chaos)"
+def pytest_sessionstart(session: pytest.Session) -> None:
+    print(f"chaos: CHAOS_SEED={SEED}, {len(ONLY) or RUNS} runs (replay: CHAOS_SEED={SEED} make test-chaos)",
+          flush=True)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
