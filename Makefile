@@ -30,7 +30,7 @@ VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev --env UMEM
 	kbuild-apt debug-kernel test-kernel-debug test-kernel-debug-canary chroots kmod-newer \
 	test-kernel-newest \
 	bench-kernel bench-kernel-profile bench-daemon bench-daemon-profile demo demo-banner \
-	test-e2e clean
+	test-e2e test-chaos clean
 
 help:
 	@echo "make demo         a real post-copy migration of a small guest, with a report"
@@ -39,6 +39,7 @@ help:
 	@echo "make test-kernel  the kernel suite alone, inside a VM booting Debian's kernel"
 	@echo "make test-daemon  umemd serve/pull on the real device, inside the VM"
 	@echo "make test-e2e     real guests migrated into the VM with umem: normal, recovery, misuse"
+	@echo "make test-chaos   20+ migrations under random faults (CHAOS_SEED, CHAOS_RUNS): not in make test"
 	@echo "make bench-e2e    umem vs pre-copy, postcopy-ram and postcopy-preempt, 3 runs each"
 	@echo "make bench-kernel umem fault round trip and fill throughput vs userfaultfd (one VM boot)"
 	@echo "make bench-daemon umemd push vs raw TCP, fault latency with/without push, pre-paging (one VM boot)"
@@ -172,6 +173,14 @@ test: check test-kernel test-daemon $(if $(QEMU_TESTS),test-qemu test-e2e) $(EVI
 test-e2e: abi kmod qemu qemu-guest
 	$(PY) -m compileall -q daemon tests bench
 	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+# The chaos run (docs/reliability.md): CHAOS_RUNS (20) migrations of the e2e guest, each under
+# faults drawn from CHAOS_SEED (printed; set it to replay, CHAOS_ONLY=N for one run), one VM
+# boot; build/chaos/results.json and results.md. Its own lane, not in `make test`: it is long.
+test-chaos: abi kmod qemu qemu-guest
+	$(PY) -m compileall -q daemon tests bench
+	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(PY) -m pytest tests/chaos -s -o faulthandler_timeout=0 \
+		$(PYTEST_ARGS)
 
 demo-banner:
 	@echo "make demo: a post-copy migration of a small guest into a VM, with umem."

@@ -80,6 +80,8 @@ class UmemSide:
     serve_proc: subprocess.Popen[bytes] | None = None
     pulls: int = 0
     serves: int = 0
+    daemon_args: tuple[str, ...] = ()  # for both daemons (e.g. --peer-timeout)
+    pull_prefix: tuple[str, ...] = ()  # the pull's argv starts with this (e.g. ip netns exec NS)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +120,16 @@ class UmemSide:
         return self.workdir / "src-migrate.qmp"
 
     @property
+    def serve_monitor(self) -> Path:
+        """The QMP socket ``umemd serve --qmp`` connects to (the source QEMU's own, unless relayed)."""
+        return self.serve_qmp
+
+    @property
+    def migrate_monitor(self) -> Path:
+        """The QMP socket ``umemd migrate --src-qmp`` connects to."""
+        return self.migrate_qmp
+
+    @property
     def status(self) -> Endpoint:
         return Endpoint("127.0.0.1", self.topo.host_port("umem-status"))
 
@@ -144,7 +156,8 @@ class UmemSide:
                           "--listen", f"{bind}:{self.topo.guest_port('umem-page')}", "--key-file", str(self.key),
                           "--migration-id", self.migration_id,
                           "--status", f"{bind}:{self.topo.guest_port('umem-status')}",
-                          "--report", self.pull_report_path, *extra)
+                          "--report", self.pull_report_path, *self.daemon_args, *extra)
+        argv = [*self.pull_prefix, *argv]
         if PROFILE:  # where the pull's time goes: py-spy's folded stacks, every thread, idle included
             argv = [str(VENV_PYTHON.parent / "py-spy"), "record", "--format", "raw", "--idle", "--threads",
                     "--rate", "250", "--output", str(self.workdir / f"pull-{self.pulls}.profile"), "--", *argv]
@@ -159,14 +172,14 @@ class UmemSide:
     def start_serve(self, *extra: str, stopped_for_good: bool = False) -> subprocess.Popen[bytes]:
         """Start (or restart) ``umemd serve`` on the host; it holds pages until the source reaches
         pre-switchover, or, ``stopped_for_good``, serves at once (a restart once the source QEMU has quit)."""
-        gate = ["--guest-stopped-for-good"] if stopped_for_good else ["--qmp", str(self.serve_qmp)]
+        gate = ["--guest-stopped-for-good"] if stopped_for_good else ["--qmp", str(self.serve_monitor)]
         self.serves += 1
         out = (self.workdir / f"serve-{self.serves}.log").open("wb")
         self.serve_proc = subprocess.Popen(
             [sys.executable, "-m", "umemd.cli", "-v", "serve", str(self.ram_file),
              "--connect", f"127.0.0.1:{self.topo.host_port('umem-page')}", "--key-file", str(self.key),
              "--migration-id", self.migration_id,
-             *gate, "--report", str(self.workdir / f"serve-{self.serves}.json"), *extra],
+             *gate, "--report", str(self.workdir / f"serve-{self.serves}.json"), *self.daemon_args, *extra],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=CHECKOUT)
         out.close()
         return self.serve_proc
@@ -177,7 +190,7 @@ class UmemSide:
         self.serve_proc.wait()
 
     def migrate_argv(self, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "umemd.cli", "migrate", "--src-qmp", str(self.migrate_qmp),
+        return [sys.executable, "-m", "umemd.cli", "migrate", "--src-qmp", str(self.migrate_monitor),
                 "--dst-qmp", f"127.0.0.1:{self.topo.host_port('umem-qmp')}", "--dst-status", str(self.status),
                 "--uri", f"tcp:127.0.0.1:{self.topo.host_port('migration')}",
                 "--incoming", f"tcp:{self.topo.bind}:{self.topo.guest_port('migration')}", *extra]
@@ -278,10 +291,10 @@ async def migrate_guest(topo: Topology, guest: GuestImage, settings: Settings, w
 
 @contextlib.asynccontextmanager
 async def booted_source(topo: Topology, guest: GuestImage, settings: Settings, workdir: Path,
-                        name: str) -> AsyncIterator[tuple[UmemSide, HostVm, list[str]]]:
-    """The test guest running on the host (verified once), its umem side and its guest arguments;
-    the daemons are stopped and their logs saved at the end."""
-    side = UmemSide(topo, workdir, name, parse_size(settings.ram))
+                        name: str, side: UmemSide | None = None) -> AsyncIterator[tuple[UmemSide, HostVm, list[str]]]:
+    """The test guest running on the host (verified once), its umem side (``side``, or a plain one)
+    and its guest arguments; the daemons are stopped and their logs saved at the end."""
+    side = side or UmemSide(topo, workdir, name, parse_size(settings.ram))
     guest_args = workload_args(guest, settings)
     await load_module(topo)
     try:

@@ -292,12 +292,7 @@ async def _switch_over(opts: MigrateOptions, src: QMPClient, dst: QMPClient, dst
     page server releases, the pull confirms, then migrate-continue."""
     await wait_completed(src, "source", deadline, until="pre-switchover")
     timeline.marks["source pre-switchover"] = time.monotonic() - started
-    try:
-        await first_status(opts.dst_status, opts.release_timeout, lambda doc: bool(doc.get("source_released")))
-    except ConnectError as e:
-        raise MigrationError(f"{e}: the page server did not release the source's pages within "
-                             f"{opts.release_timeout:.0f} s of pre-switchover; is `umemd serve --qmp` watching "
-                             "this source QEMU? (migration cancelled)") from e
+    await wait_release(opts.dst_status, opts.release_timeout)
     timeline.marks["release confirmed"] = time.monotonic() - started
     await src.execute("migrate-continue", {"state": "pre-switchover"})
     src_info = await wait_completed(src, "source", deadline)
@@ -311,6 +306,21 @@ async def _switch_over(opts: MigrateOptions, src: QMPClient, dst: QMPClient, dst
             raise MigrationError("the destination guest did not resume by the deadline")
         await asyncio.sleep(POLL)
     return src_info, dst_info
+
+
+async def wait_release(endpoint: Endpoint, timeout: float) -> None:
+    """Until the pull's status says the page server released; MigrationError if it does not
+    within ``timeout`` or the pull ends first (serve aborted: no need to wait any longer)."""
+    try:
+        doc = await first_status(endpoint, timeout, lambda doc: bool(doc.get("source_released"))
+                                 or doc.get("state") in FINAL_PULL_STATES)
+    except ConnectError as e:
+        raise MigrationError(f"{e}: the page server did not release the source's pages within {timeout:.0f} s "
+                             "of pre-switchover; is `umemd serve --qmp` watching this source QEMU? "
+                             "(migration cancelled)") from e
+    if not doc.get("source_released"):
+        raise MigrationError(f"umemd pull at {endpoint} ended {doc.get('state')!r} before the page server "
+                             "released: see both daemons' logs (migration cancelled)")
 
 
 async def _cancel(src: QMPClient, dst_events: EventClock) -> None:

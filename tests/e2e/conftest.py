@@ -45,8 +45,13 @@ def guest() -> GuestImage:
 
 @pytest.fixture(scope="session")
 def vm() -> Iterator[Driver]:
+    yield from vm_driver(LOGS / "vm")
+
+
+def vm_driver(logs: Path) -> Iterator[Driver]:
+    """The test VM booted with the umem forwards, its logs in ``logs``, until the generator closes."""
     loop = asyncio.new_event_loop()
-    topo = VmTopology(LOGS / "vm", PORTS, timeout=3000)
+    topo = VmTopology(logs, PORTS, timeout=3000)
     loop.run_until_complete(topo.start())
     try:
         yield Driver(loop, topo)

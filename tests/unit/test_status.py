@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from umemd import cli
-from umemd.migrate import QmpAddress, interval_series, read_status
+from umemd.migrate import MigrationError, QmpAddress, interval_series, read_status, wait_release
 from umemd.status import MAX_CLIENTS, StatusServer
 from umemd.transport import Endpoint
 
@@ -141,3 +141,28 @@ def test_clients_beyond_the_limit_are_refused() -> None:
         server.finish({"state": "complete"})
         for c in clients:
             c.close()
+
+
+def test_the_wait_for_the_release_ends_when_the_pull_ends_aborted() -> None:
+    endpoint = free_endpoint()
+    server = StatusServer(endpoint, lambda: {"state": "pulling", "source_released": False})
+    server.start()
+
+    async def wait() -> None:
+        waiting = asyncio.create_task(wait_release(endpoint, 600))
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(server.finish, {"state": "aborted", "source_released": False})
+        await asyncio.wait_for(waiting, 30)  # at once, not after the release timeout
+
+    with pytest.raises(MigrationError, match="ended 'aborted' before the page server released"):
+        asyncio.run(wait())
+
+
+def test_the_wait_for_the_release_returns_once_released() -> None:
+    endpoint = free_endpoint()
+    server = StatusServer(endpoint, lambda: {"state": "pulling", "source_released": True})
+    server.start()
+    try:
+        asyncio.run(wait_release(endpoint, 30))
+    finally:
+        server.finish({"state": "complete", "source_released": True})
