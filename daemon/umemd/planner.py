@@ -33,6 +33,8 @@ class PushPlanner:
     def __init__(self, pages: int, *, prepage: int = PREPAGE, after_fault: int = PUSH_AFTER_FAULT,
                  run: int = PUSH_RUN) -> None:
         self.pages = pages
+        if prepage < 1:  # the demanded page itself is the first of them
+            raise ValueError(f"prepage {prepage}: at least 1, or the demanded page is never sent")
         self.prepage = prepage
         self.after_fault = after_fault
         self.run = run

@@ -3,6 +3,7 @@ every page pushed once per session."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -68,3 +69,8 @@ def test_every_page_is_sent_exactly_once_per_session(pages: int, faults: list[in
         for n in range(start, end):
             sent[n] += 1
     assert all(sent[n] == (0 if cover[n] else 1) for n in range(pages)), "a page sent twice, or never"
+
+
+def test_a_planner_that_would_never_send_the_demanded_page_cannot_be_made() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        PushPlanner(64, prepage=0)
