@@ -318,10 +318,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
             stop.set()
             dialer.close()
             present = _present(server)
+            last = status_line(puller, state, present)
             if status:
-                status.finish(status_line(puller, state, present))
-            if args.report:
-                stats.write_report(args.report, present)
+                status.finish(last)
+            if args.report:  # the status endpoint's last line (docs/protocol.md): the state with the counts
+                args.report.write_text(json.dumps(last, indent=2) + "\n")
             if args.latency_log:
                 stats.write_latency_log(args.latency_log)
             server.close()

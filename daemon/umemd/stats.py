@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -87,9 +86,6 @@ class PullStats:
             f.write("# fault_unix_s latency_us\n")
             for at, seconds in self.latency.samples or ():
                 f.write(f"{at + to_unix:.6f} {seconds * 1e6:.0f}\n")
-
-    def write_report(self, path: Path, present: int) -> None:
-        path.write_text(json.dumps(self.report(present), indent=2) + "\n")
 
     def progress_line(self, present: int) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-6)

@@ -311,9 +311,8 @@ async def _conclude(chaos: Chaos, plan: Plan, settings: Settings) -> None:
     side, record = chaos.side, chaos.record
     pull_rc = await side.wait_pull(deadline(settings, plan))
     report = await side.pull_report()
-    record.pull = {k: report.get(k) for k in ("pages", "present", "reconnects", "attached", "seconds")}
-    pull_log = (await side.topo.agent.read_file(side.topo.remote_path(f"{side.pull_name}.out"))).decode()
-    aborted = "the source aborted the migration" in pull_log
+    record.pull = {k: report.get(k) for k in ("state", "pages", "present", "reconnects", "attached", "seconds")}
+    aborted = report.get("state") == "aborted"
     assert side.serve_proc is not None
     serve_rc = await asyncio.to_thread(side.serve_proc.wait, 6 * PEER_TIMEOUT)
     chaos.note(f"pull exited {pull_rc}{' (aborted)' if aborted else ''}, serve exited {serve_rc}")
@@ -349,7 +348,7 @@ async def _verified(chaos: Chaos, settings: Settings) -> None:
 
 async def _refused(chaos: Chaos, settings: Settings, pull_rc: int, serve_rc: int) -> None:
     """The refusal docs/protocol.md promises: serve exits 1 "migration aborted", the pull exits 1
-    ``aborted`` (``pull_rc`` is -1 if its log does not say so), and the source guest runs on, its
+    ``aborted`` (``pull_rc`` is -1 if its report says otherwise), and the source guest runs on, its
     memory verified again."""
     record, src = chaos.record, chaos.src
     serve_log = (chaos.side.workdir / f"serve-{chaos.side.serves}.log").read_text(errors="replace")
