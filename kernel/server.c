@@ -113,6 +113,25 @@ static __poll_t umem_server_poll(struct file *file, poll_table *wait)
 	return mask;
 }
 
+/*
+ * Copy one page from @src into @page with page faults disabled (the caller
+ * faulted @src in first); returns the bytes not copied: the source went
+ * away again in between, and the caller tries again.
+ */
+static unsigned long umem_copy_nofault(struct page *page,
+				       const void __user *src)
+{
+	unsigned long left;
+	void *dst = kmap_local_page(page);
+
+	pagefault_disable();
+	left = __copy_from_user_inatomic(dst, src, PAGE_SIZE);
+	pagefault_enable();
+	kunmap_local(dst);
+	flush_dcache_page(page);
+	return left;
+}
+
 #ifdef UMEM_HAVE_PAGE_WRITE_BEGIN
 /*
  * Copy one page in through shmem's own write path: write_begin allocates
@@ -136,7 +155,6 @@ static int umem_copy_page(struct umem_instance *inst, pgoff_t pgoff,
 	unsigned long left;
 	struct page *page;
 	void *fsdata;
-	void *dst;
 	int ret;
 
 	for (;;) {
@@ -147,12 +165,7 @@ static int umem_copy_page(struct umem_instance *inst, pgoff_t pgoff,
 					&page, &fsdata);
 		if (ret)
 			return ret;
-		dst = kmap_local_page(page);
-		pagefault_disable();
-		left = __copy_from_user_inatomic(dst, src, PAGE_SIZE);
-		pagefault_enable();
-		kunmap_local(dst);
-		flush_dcache_page(page);
+		left = umem_copy_nofault(page, src);
 		ret = aops->write_end(inst->shmem, mapping, pos, PAGE_SIZE,
 				      PAGE_SIZE - left, page, fsdata);
 		if (ret < 0)
@@ -181,7 +194,6 @@ static int umem_copy_page(struct umem_instance *inst, pgoff_t pgoff,
 	unsigned long left;
 	struct folio *folio;
 	struct page *page;
-	void *dst;
 
 	for (;;) {
 		if (fault_in_readable(src, PAGE_SIZE))
@@ -194,12 +206,7 @@ static int umem_copy_page(struct umem_instance *inst, pgoff_t pgoff,
 		left = PAGE_SIZE;
 		folio_lock(folio);
 		if (folio->mapping == mapping) {
-			dst = kmap_local_page(page);
-			pagefault_disable();
-			left = __copy_from_user_inatomic(dst, src, PAGE_SIZE);
-			pagefault_enable();
-			kunmap_local(dst);
-			flush_dcache_page(page);
+			left = umem_copy_nofault(page, src);
 			if (!left)
 				folio_mark_dirty(folio);
 		}
