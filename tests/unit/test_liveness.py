@@ -280,7 +280,10 @@ def test_a_small_frame_behind_a_large_one_is_read_without_more_traffic(pki: dict
         listener.close()
 
 
-@pytest.mark.skipif(not socket.has_ipv6 or not Path("/proc/net/if_inet6").read_text().strip(),
+IF_INET6 = Path("/proc/net/if_inet6")
+
+
+@pytest.mark.skipif(not socket.has_ipv6 or not IF_INET6.exists() or not IF_INET6.read_text().strip(),
                     reason="no IPv6 on this host")
 def test_an_ipv6_listener_takes_a_source() -> None:
     with socket.socket(socket.AF_INET6) as s:
