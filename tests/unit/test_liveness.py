@@ -69,16 +69,17 @@ def test_a_silent_peer_is_lost_within_three_peer_timeouts() -> None:
 
 
 def test_a_live_idle_peer_gets_keepalives_and_is_never_lost() -> None:
+    timeout = 4 * TIMEOUT  # keepalives every timeout/4: room for a loaded machine's scheduling
     port = free_port()
     listener = Dialer(Role.DESTINATION, KEY, MIGRATION, Endpoint("127.0.0.1", port), listen=True,
-                      peer_timeout=TIMEOUT)
-    connector = Dialer(Role.SOURCE, KEY, MIGRATION, Endpoint("127.0.0.1", port), listen=False, peer_timeout=TIMEOUT)
+                      peer_timeout=timeout)
+    connector = Dialer(Role.SOURCE, KEY, MIGRATION, Endpoint("127.0.0.1", port), listen=False, peer_timeout=timeout)
     try:
         ours = connector.link(Channel.DEMAND)
         theirs = listener.link(Channel.DEMAND)
         before = theirs.bytes_in
         while theirs.bytes_in - before < 3 * 24:  # three keepalives (header and MAC) arrived, nothing lost
-            assert theirs.poll(TIMEOUT) == []
+            assert theirs.poll(timeout) == []
         ours.send_frame(ours.conn.send_info, 16 * PAGE_SIZE)
         assert theirs.receive() == [Info(16 * PAGE_SIZE)]
     finally:
