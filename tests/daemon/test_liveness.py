@@ -42,7 +42,7 @@ def test_a_stopped_page_server_is_noticed_within_the_peer_timeout(migration: Mig
 
 
 def test_a_pull_without_a_source_exits_4_and_a_restarted_pull_completes_the_guest(migration: Migration) -> None:
-    source_timeout = 2 * PEER_TIMEOUT
+    source_timeout = 4 * PEER_TIMEOUT  # the first serve, started after the pull, must connect within it
     args = ("--peer-timeout", str(PEER_TIMEOUT), "--source-timeout", str(source_timeout))
     first = migration.pull(*args)
     guest = migration.guest("random", threads=2, touches=100)
