@@ -447,10 +447,7 @@ class Dialer:
         try:
             sock = socket.create_connection((self.endpoint.host, self.endpoint.port), timeout=deadline.left())
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._tls and self._tls_files:
-                sock = self._tls.wrap_socket(sock, server_side=False, do_handshake_on_connect=False)
-                _tls_handshake(sock, deadline)
-                self._tls_files.check_peer(sock, self.endpoint.host)
+            sock = self._with_tls(sock, deadline, self.endpoint.host)
         except (OSError, ssl.SSLError) as e:
             raise ConnectError(f"cannot connect to {self.endpoint}: {getattr(e, 'strerror', None) or e}") from e
         try:
@@ -460,6 +457,20 @@ class Dialer:
             raise ConnectError(f"handshake with {self.endpoint} failed: {e.strerror or e}") from e
         log.info("%s channel connected to %s", channel.name.lower(), self.endpoint)
         return link
+
+    def _with_tls(self, sock: socket.socket, deadline: Deadline, peer_name: str | None) -> socket.socket:
+        """``sock`` inside TLS with the peer verified (``peer_name``: the name to expect unless
+        --tls-name says), within ``deadline``; ``sock`` itself without TLS."""
+        if not (self._tls and self._tls_files):
+            return sock
+        tls = self._tls.wrap_socket(sock, server_side=self.listen, do_handshake_on_connect=False)
+        try:  # ``sock`` is detached now: closing it would leave the connection open
+            _tls_handshake(tls, deadline)
+            self._tls_files.check_peer(tls, peer_name)
+        except BaseException:
+            tls.close()
+            raise
+        return tls
 
     def _accept_loop(self) -> None:
         """Accept until stopped, whatever fails (EMFILE, a thread that cannot start): a real
@@ -516,10 +527,7 @@ class Dialer:
         deadline = Deadline(self.peer_timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._tls and self._tls_files:
-                sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                _tls_handshake(sock, deadline)
-                self._tls_files.check_peer(sock, None)
+            sock = self._with_tls(sock, deadline, None)
             return _handshake(sock, self.role, self._key, self.migration_id, peer, None, deadline,
                               self.peer_timeout)
         except (RemoteProtocolError, OSError, ssl.SSLError) as e:

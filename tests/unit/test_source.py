@@ -61,11 +61,7 @@ def test_the_last_have_of_the_cover_is_applied_and_a_complete_behind_it_ends_the
     gate.handle(SourceEvent.OPERATOR_STOPPED)
     server = PageServer(ram, cast(Dialer, None), gate)
     ours, theirs = socket.socketpair()
-    src = Connection(Role.SOURCE, Channel.PUSH, KEY, MIGRATION)
-    dst = Connection(Role.DESTINATION, Channel.PUSH, KEY, MIGRATION)
-    feed(dst, src.data_to_send())
-    feed(src, dst.data_to_send())
-    feed(dst, src.data_to_send())
+    src, dst = handshaken_push()
     feed(dst, src.send_info(ram.size))
     theirs.sendall(dst.send_have(0, b"\xff\xff", 16) + dst.send_complete())
     server._serve_push(Link(ours, src, "test"))
@@ -97,11 +93,7 @@ def test_an_abort_racing_the_destinations_complete_ends_serve_with_the_abort(tmp
     path.write_bytes(b"\x01" * 16 * PAGE_SIZE)
     ram = RamFile(path)
     ours, theirs = socket.socketpair()
-    src = Connection(Role.SOURCE, Channel.PUSH, KEY, MIGRATION)
-    dst = Connection(Role.DESTINATION, Channel.PUSH, KEY, MIGRATION)
-    feed(dst, src.data_to_send())
-    feed(src, dst.data_to_send())
-    feed(dst, src.data_to_send())
+    src, dst = handshaken_push()
 
     def abort_after_the_complete_is_handled(phase: SourcePhase, reason: str) -> None:
         theirs.sendall(dst.send_complete())
@@ -144,6 +136,16 @@ def received(conn: Connection, sock: socket.socket) -> list[object]:
     while (event := conn.next_event()) is not None:
         events.append(event)
     return events
+
+
+def handshaken_push() -> tuple[Connection, Connection]:
+    """A source and a destination codec of one push channel, past both AUTHs."""
+    src = Connection(Role.SOURCE, Channel.PUSH, KEY, MIGRATION)
+    dst = Connection(Role.DESTINATION, Channel.PUSH, KEY, MIGRATION)
+    feed(dst, src.data_to_send())
+    feed(src, dst.data_to_send())
+    feed(dst, src.data_to_send())
+    return src, dst
 
 
 def feed(conn: Connection, data: bytes) -> None:
