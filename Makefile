@@ -21,7 +21,7 @@ KERNEL_SOURCES := $(wildcard kernel/*.c kernel/*.h) kernel/Kbuild kernel/Makefil
 PY_SOURCES := $(shell find daemon tests -name '*.py' -not -path '*/__pycache__/*')
 
 PYTEST_ARGS ?= -q
-VM := $(PY) -m tests.vm
+VM := $(PY) -m tests.harness.vm
 VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev --env UMEM_KMOD=$(CURDIR)/kernel/umem.ko --env UMEM_IN_VM=1
 
 -include qemu-patches/qemu.mk
@@ -97,7 +97,7 @@ lint: abi
 	$(VENV)/bin/mypy
 
 unit: abi
-	$(PY) -m pytest tests/unit tests/vm -q
+	$(PY) -m pytest tests/unit -q
 
 # dkms add/build of kernel/ against the installed headers, in a private tree.
 dkms-check: apt
@@ -188,7 +188,7 @@ demo-banner:
 
 demo: demo-banner setup qemu qemu-guest
 	$(PY) -m compileall -q daemon tests bench
-	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(PY) -m bench.demo
+	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(PY) -m tests.harness.demo
 
 clean:
 	$(MAKE) -C kernel clean

@@ -44,7 +44,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from tests.daemon.netns import veth_namespace
+from tests.harness.net import veth_namespace
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGS = ROOT / "build" / "bench-daemon-logs"
@@ -67,7 +67,7 @@ NO_PUSH_RATE = "0.001"  # MiB/s: one 1 MiB push frame, then nothing for 1000 s
 def guest_main(args: argparse.Namespace) -> int:
     """Touch pages of the instance from threads; time each access of a page
     that mincore() says is missing (a demand fault) and print JSON."""
-    from tests.kernel.mapping import Mapping, libc
+    from tests.harness.mapping import Mapping, libc
 
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     size = args.size

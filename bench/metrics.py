@@ -26,9 +26,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.qemu.harness import WorkloadLog
-
-from .topology import ClockSample
+from tests.harness.machine import WorkloadLog
+from tests.harness.topology import ClockSample
 
 EARLY_S = 5.0  # "early" requests: faulted within this many seconds of RESUME
 _TRACE = re.compile(r"^\d+@(?P<s>\d+)\.(?P<us>\d{6}):(?P<event>\w+) (?P<rest>.*)$")

@@ -6,7 +6,7 @@ extra command-line arguments each needs, what runs on the destination before
 :mod:`bench.run` does the rest the same way for every mode.
 
 The three upstream modes are here; umem, the fourth, is
-:class:`bench.umem.UmemMode` (its daemons start in ``before_destination``,
+:class:`bench.umem_mode.UmemMode` (its daemons start in ``before_destination``,
 since the destination QEMU refuses a node that does not exist yet).
 """
 
@@ -17,24 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tests.harness.machine import Settings
+
 if TYPE_CHECKING:
-    from tests.qemu.harness import GuestImage
-
-    from .topology import HostVm, RemoteVm, Topology
-
-
-@dataclass
-class Settings:
-    """What every mode shares: the guest and the limits of one run."""
-
-    ram: str = "512M"           # guest RAM
-    mib: int = 192              # workload size (wl_mib)
-    grow_mib: int = 0           # memory the workload takes while it runs, up to the switch-over (wl_grow_mib)
-    passes_after: int = 2       # destination verification passes after completion
-    postcopy_after_s: float = 0.0  # pre-copy before migrate-start-postcopy
-    boot_timeout: float = 180.0
-    migrate_timeout: float = 600.0
-    verify_timeout: float = 600.0
+    from tests.harness.machine import GuestImage
+    from tests.harness.topology import HostVm, RemoteVm, Topology
 
 
 @dataclass
@@ -62,7 +49,7 @@ class Mode:
     postcopy = False
     #: guest ports the topology must forward besides BASE_PORTS (name -> port)
     extra_ports: dict[str, int] = {}  # noqa: RUF012  (read-only class default)
-    #: options for ``python3 -m tests.vm`` (modules, udev rules)
+    #: options for ``python3 -m tests.harness.vm`` (modules, udev rules)
     vm_args: list[str] = []  # noqa: RUF012
     #: QEMU trace events enabled on the destination (log backend, ``-D``)
     trace_events: tuple[str, ...] = ()

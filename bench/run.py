@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.qemu.harness import GuestImage, WorkloadLog
+from tests.harness.machine import GuestImage, Settings, WorkloadLog
+from tests.harness.topology import HostVm, Topology
 
 from .metrics import event_interval, heartbeat_gaps, page_requests
-from .modes import Mode, RunContext, Settings
-from .topology import HostVm, Topology
+from .modes import Mode, RunContext
 
 
 def _ram(info: dict[str, Any]) -> dict[str, Any]:

@@ -32,13 +32,13 @@ qemu-guest:
 	UMEM_CACHE=$(UMEM_CACHE) bash tests/qemu/guest/build.sh
 
 test-qemu: qemu qemu-guest venv
-	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m pytest tests/qemu -q
+	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m pytest tests/qemu bench/test_bench.py -q
 
-# Extra options for bench/baseline.py (e.g. --runs 5, --modes postcopy).
+# Extra options for bench/race.py (e.g. --runs 5, --modes postcopy).
 BENCH_BASELINE_ARGS ?=
 
 bench-baseline: qemu qemu-guest venv
-	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m bench.baseline \
+	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m bench.race \
 		--command "$(strip make bench-baseline $(BENCH_BASELINE_ARGS))" --update-doc docs/performance.md \
 		$(BENCH_BASELINE_ARGS)
 
@@ -46,7 +46,7 @@ bench-baseline: qemu qemu-guest venv
 BENCH_E2E_ARGS ?=
 
 bench-e2e: qemu qemu-guest venv abi kmod
-	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m bench.baseline \
+	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m bench.race \
 		--modes precopy,postcopy,postcopy-preempt,umem --section race \
 		--workdir build/bench-e2e --out build/bench-e2e.json \
 		--command "$(strip make bench-e2e $(BENCH_E2E_ARGS))" --update-doc docs/performance.md \
@@ -55,6 +55,6 @@ bench-e2e: qemu qemu-guest venv abi kmod
 # Where a umem run's time goes: one umem migration with the pull under py-spy,
 # then its profile by thread (build/bench-e2e-profile/umem-1/pull-1.profile).
 bench-e2e-profile: qemu qemu-guest venv abi kmod
-	UMEM_BENCH_PROFILE=1 UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m bench.baseline \
+	UMEM_BENCH_PROFILE=1 UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m bench.race \
 		--modes umem --runs 1 --workdir build/bench-e2e-profile --out build/bench-e2e-profile.json
 	$(QEMU_TEST_PYTHON) -m bench.profile_summary build/bench-e2e-profile/umem-1/pull-1.profile

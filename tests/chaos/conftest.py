@@ -1,5 +1,5 @@
-"""Fixtures of the chaos lane (``make test-chaos``): the e2e topology (tests/e2e/conftest.py),
-the test VM booted once, with the shaped page link of bench/chaos.py; one test per run.
+"""Fixtures of the chaos lane (``make test-chaos``): the e2e topology (tests/harness/driver.py),
+the test VM booted once, with the shaped page link of tests/harness/chaos.py; one test per run.
 
 ``CHAOS_SEED`` (default: a new one, printed) and ``CHAOS_RUNS`` (default 20) choose the runs;
 run ``i`` of seed ``S`` is drawn from ``random.Random(f"{S}/{i}")``, so ``CHAOS_SEED=S`` replays
@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import ChaosNet
-from bench.modes import Settings
-from tests.e2e.conftest import Driver, guest, vm_driver
-from tests.qemu.harness import CHECKOUT
+from tests.harness import CHECKOUT
+from tests.harness.chaos import ChaosNet
+from tests.harness.driver import Driver, guest, settings, vm_driver
 
 from .report import markdown_table
 from .runner import Record
@@ -32,7 +31,7 @@ RUNS = int(os.environ.get("CHAOS_RUNS", "20"))
 ONLY = [int(i) for i in os.environ.get("CHAOS_ONLY", "").split(",") if i]
 RECORDS: list[Record] = []
 
-__all__ = ["guest"]
+__all__ = ["guest", "settings"]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -65,13 +64,6 @@ def net(vm: Driver) -> Iterator[ChaosNet]:
         yield chaos_net
     finally:
         vm.run(chaos_net.teardown())
-
-
-@pytest.fixture
-def settings() -> Settings:
-    """The e2e guest (tests/e2e/conftest.py): 256 MiB, 64 MiB written from the start and 64 MiB
-    more taken up to the switch-over, one verification pass after the last page."""
-    return Settings(ram="256M", mib=64, grow_mib=64, passes_after=1, boot_timeout=120, verify_timeout=300)
 
 
 @pytest.fixture

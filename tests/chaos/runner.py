@@ -1,5 +1,5 @@
 """One chaos run: the e2e guest migrated by ``umemd migrate`` while a :class:`Plan`'s faults
-are injected, then its outcome classified (tests/chaos/plan.py, bench/chaos.py)."""
+are injected, then its outcome classified (tests/chaos/plan.py, tests/harness/chaos.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.chaos import ChaosNet, ChaosSide, QmpRelay
-from bench.modes import Settings
-from bench.topology import HostVm, RemoteVm, Topology
-from bench.umem import booted_source
-from tests.qemu.harness import CHECKOUT, GuestImage
+from tests.harness import CHECKOUT
+from tests.harness.chaos import ChaosNet, ChaosSide, QmpRelay
+from tests.harness.machine import GuestImage, Settings
+from tests.harness.topology import HostVm, RemoteVm, Topology
+from tests.harness.umem import booted_source
 from umemd.cli import parse_size
 from umemd.errors import ConnectError
 from umemd.migrate import FINAL_PULL_STATES, first_status

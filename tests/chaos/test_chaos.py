@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.chaos import ChaosNet
-from bench.modes import Settings
-from tests.e2e.conftest import Driver
-from tests.qemu.harness import GuestImage
+from tests.harness.chaos import ChaosNet
+from tests.harness.driver import Driver
+from tests.harness.machine import GuestImage, Settings
 
 from . import plan as chaos_plan
 from .runner import Record, run

@@ -7,22 +7,24 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.kernel.conftest import IN_VM, load_module
+from tests.harness import CHECKOUT
+from tests.harness.command import umemd_command
+from tests.harness.kmod import IN_VM, load_module
+from tests.harness.net import free_port
+from tests.harness.waiting import wait_until
 from umemd import Control, InstanceNotFoundError, node_path
 from umemd.device import CONTROL_PATH
+from umemd.protocol import PAGE_SIZE
 
-LOGS = Path(__file__).resolve().parents[2] / "build" / "daemon-logs"
+LOGS = CHECKOUT / "build" / "daemon-logs"
 MIB = 1 << 20
-PAGE = 4096
 SOURCE_SIZE = 256 * MIB
 HOLE = (64 * MIB, 80 * MIB)  # never written: SEEK_HOLE finds it
 ZEROS = (80 * MIB, 96 * MIB)  # written with zeros: found by comparison
@@ -47,8 +49,8 @@ def source_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             if ZEROS[0] <= start < ZEROS[1]:
                 f.write(bytes(MIB))
             else:
-                f.write(b"".join(f"{page:08x}".encode() * (PAGE // 8) for page in range(start // PAGE,
-                                                                                       (start + MIB) // PAGE)))
+                f.write(b"".join(f"{page:08x}".encode() * (PAGE_SIZE // 8) for page in range(start // PAGE_SIZE,
+                                                                                       (start + MIB) // PAGE_SIZE)))
         f.truncate(SOURCE_SIZE)
     return path
 
@@ -61,20 +63,12 @@ def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Umemd:
     """One umemd process, its log in a file (appended to: the logs of earlier runs stay before it)."""
 
     def __init__(self, log: Path, *args: str, netns: str | None = None) -> None:
         self.log = log
-        command = [sys.executable, "-m", "umemd.cli", "-v", *args]
-        if netns:
-            command = ["ip", "netns", "exec", netns, *command]
+        command = umemd_command(*args, verbose=True, netns=netns)
         self._out = open(log, "ab")  # noqa: SIM115 (closed in wait/kill)
         self._start = self._out.tell()  # where this process's output begins
         self.proc = subprocess.Popen(command, stdout=self._out, stderr=subprocess.STDOUT)
@@ -123,7 +117,7 @@ class Migration:
                   *extra)
         self.daemons.append(d)
         # The node comes before the listener: a peer connecting in between would be refused.
-        wait_for(lambda: "listening on" in d.text() or d.proc.poll() is not None, "the pull to listen")
+        wait_until(lambda: "listening on" in d.text() or d.proc.poll() is not None, 60, "the pull to listen")
         assert d.proc.poll() is None and node_path(self.name).exists(), d.text()
         return d
 
@@ -164,14 +158,6 @@ class Migration:
                 control.destroy(self.name)
         except InstanceNotFoundError:
             pass
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def instance_name(test: str) -> str:

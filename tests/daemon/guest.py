@@ -16,17 +16,17 @@ import sys
 import threading
 from pathlib import Path
 
-from tests.kernel.mapping import PAGE, Mapping
+from tests.harness.mapping import PAGE_SIZE, Mapping
 
 
 def offsets(pattern: str, pages: int, seed: int, touches: int) -> list[int]:
     rng = random.Random(seed)
     if pattern == "sequential":
         start = rng.randrange(pages)
-        return [((start + i) % pages) * PAGE for i in range(touches)]
+        return [((start + i) % pages) * PAGE_SIZE for i in range(touches)]
     if pattern == "strided":
-        return [((seed + i * 33) % pages) * PAGE for i in range(touches)]
-    return [rng.randrange(pages) * PAGE for _ in range(touches)]
+        return [((seed + i * 33) % pages) * PAGE_SIZE for i in range(touches)]
+    return [rng.randrange(pages) * PAGE_SIZE for _ in range(touches)]
 
 
 def main() -> int:
@@ -38,8 +38,8 @@ def main() -> int:
     bad: list[int] = []
 
     def touch(seed: int) -> None:
-        for offset in offsets(pattern, size // PAGE, seed, int(touches)):
-            if mapping.read(offset, PAGE) != expected[offset:offset + PAGE]:
+        for offset in offsets(pattern, size // PAGE_SIZE, seed, int(touches)):
+            if mapping.read(offset, PAGE_SIZE) != expected[offset:offset + PAGE_SIZE]:
                 bad.append(offset)
 
     workers = [threading.Thread(target=touch, args=(seed,)) for seed in range(int(threads))]

@@ -11,9 +11,10 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from umemd.protocol import HEADER, MAGIC, VERSION, FrameType, frame
+from tests.harness.waiting import wait_until
+from umemd.protocol import HEADER, MAGIC, PAGE_SIZE, VERSION, FrameType, frame
 
-from .conftest import PAGE, SOURCE_SIZE, Migration, wait_for
+from .conftest import SOURCE_SIZE, Migration
 from .test_pull import finish
 
 
@@ -54,7 +55,7 @@ def test_a_wrong_key_gets_no_page(migration: Migration, tmp_path: Path) -> None:
     assert migration.present() == 0
     guest = migration.guest("sequential", threads=2, touches=50)
     migration.serve()
-    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE
+    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE_SIZE
 
 
 def test_malformed_connections_are_closed_and_logged(migration: Migration) -> None:
@@ -71,11 +72,11 @@ def test_malformed_connections_are_closed_and_logged(migration: Migration) -> No
     }
     for data, reason in cases.items():
         send_raw(migration.port, data)
-        wait_for(lambda reason=reason: reason in pull.text(), f"the log to say {reason!r}")
+        wait_until(lambda reason=reason: reason in pull.text(), 60, f"the log to say {reason!r}")
     assert pull.proc.poll() is None and migration.present() == 0
     guest = migration.guest("random", threads=2, touches=50)
     migration.serve()
-    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE
+    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE_SIZE
 
 
 def test_fuzzed_connections_never_stop_the_daemons(migration: Migration) -> None:
@@ -91,15 +92,15 @@ def test_fuzzed_connections_never_stop_the_daemons(migration: Migration) -> None
     assert migration.present() == 0
     guest = migration.guest("strided", threads=2, touches=50)
     migration.serve()
-    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE
+    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE_SIZE
 
 
 def test_a_serve_of_another_size_exits_1_naming_it(migration: Migration, tmp_path: Path) -> None:
     pull = migration.pull()
     small = tmp_path / "another-guests-ram"
-    small.write_bytes(b"\x11" * (16 * PAGE))
+    small.write_bytes(b"\x11" * (16 * PAGE_SIZE))
     other = migration.serve(source=small)
     other.expect_exit(1)  # no retry can fix a size: it said so and stopped (it retried for ever before)
-    assert f"not {16 * PAGE} bytes, the size of {small}" in other.text(), other.text()
+    assert f"not {16 * PAGE_SIZE} bytes, the size of {small}" in other.text(), other.text()
     assert "point umemd serve at this guest's RAM file" in pull.text()
     assert pull.proc.poll() is None and migration.present() == 0

@@ -8,9 +8,11 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
+from tests.harness.waiting import wait_until
 from umemd import Control, node_path
+from umemd.protocol import PAGE_SIZE
 
-from .conftest import MIB, PAGE, SOURCE_SIZE, Migration, Umemd, wait_for
+from .conftest import MIB, SOURCE_SIZE, Migration, Umemd
 from .test_pull import finish
 
 
@@ -34,7 +36,7 @@ def test_a_serve_of_another_migration_is_refused_while_the_right_one_completes(
     stale.killed = True  # ended, as it should: not one of the daemons finish() expects to exit 0
     guest = migration.guest("random", threads=2, touches=50)
     migration.serve()
-    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE
+    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE_SIZE
 
 
 def test_a_pull_never_attaches_to_an_instance_of_another_migration(migration: Migration) -> None:
@@ -45,7 +47,7 @@ def test_a_pull_never_attaches_to_an_instance_of_another_migration(migration: Mi
                  "--listen", f"127.0.0.1:{migration.port}", "--key-file", str(migration.key),
                  "--migration-id", migration.migration_id)
     migration.daemons.append(pull)
-    wait_for(lambda: pull.proc.poll() is not None, "the pull to refuse the leftover instance")
+    wait_until(lambda: pull.proc.poll() is not None, 60, "the pull to refuse the leftover instance")
     assert pull.proc.returncode == 1, pull.text()
     assert f"belongs to migration {leftover.hex()}, not to {migration.migration_id}" in pull.text(), pull.text()
     assert node_path(migration.name).exists(), "the leftover instance is the operator's to remove"

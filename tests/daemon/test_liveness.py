@@ -11,9 +11,12 @@ import signal
 import socket
 import time
 
+from tests.harness.net import free_port
+from tests.harness.waiting import wait_until
 from umemd import Control, node_path
+from umemd.protocol import PAGE_SIZE
 
-from .conftest import PAGE, SOURCE_SIZE, Migration, free_port, wait_for
+from .conftest import SOURCE_SIZE, Migration
 from .test_pull import finish, started_but_unfinished
 
 PEER_TIMEOUT = 5.0  # seconds: generous for a loaded TCG guest, keepalives flow every 1.25 s
@@ -32,13 +35,13 @@ def test_a_stopped_page_server_is_noticed_within_the_peer_timeout(migration: Mig
     stopped = migration.serve("--max-push-rate", "16", "--peer-timeout", str(PEER_TIMEOUT))
     started_but_unfinished(migration)
     stopped.proc.send_signal(signal.SIGSTOP)  # alive to TCP (the kernel still acknowledges), silent to us
-    wait_for(lambda: pull.text().count("no word from") >= 2, "the pull to notice on both channels",
-             timeout=3 * PEER_TIMEOUT)
+    wait_until(lambda: pull.text().count("no word from") >= 2, 3 * PEER_TIMEOUT,
+               "the pull to notice on both channels")
     lost = status_line(status)["source_lost_since"]
     assert isinstance(lost, float) and lost <= time.time(), lost
     stopped.kill()
     migration.serve()
-    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE
+    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE_SIZE
 
 
 def test_a_pull_without_a_source_exits_4_and_a_restarted_pull_completes_the_guest(migration: Migration) -> None:
@@ -55,7 +58,7 @@ def test_a_pull_without_a_source_exits_4_and_a_restarted_pull_completes_the_gues
     migration.pull(*args)
     migration.serve()
     report = finish(migration, guest)
-    assert report["attached"] is True and report["present"] == SOURCE_SIZE // PAGE
+    assert report["attached"] is True and report["present"] == SOURCE_SIZE // PAGE_SIZE
 
 
 def test_a_pull_whose_instance_is_destroyed_exits_naming_the_device_error(migration: Migration) -> None:

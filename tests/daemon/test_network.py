@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, NetNS
 
-from .conftest import PAGE, SOURCE_SIZE, Migration
-from .netns import LinkPair, veth_namespace
+from tests.harness.net import LinkPair, veth_namespace
+from umemd.protocol import PAGE_SIZE
+
+from .conftest import SOURCE_SIZE, Migration
 from .test_pull import finish, started_but_unfinished
 
 HERE, THERE = "10.77.0.1", "10.77.0.2"
@@ -49,7 +51,7 @@ def test_migration_over_a_shaped_link(migration: Migration, source_host: LinkPai
     guest = migration.guest("strided", threads=4, touches=100)
     migration.serve(connect=f"{HERE}:{migration.port}", netns=source_host.netns)
     report = finish(migration, guest)
-    assert report["present"] == SOURCE_SIZE // PAGE and report["faults"] > 0
+    assert report["present"] == SOURCE_SIZE // PAGE_SIZE and report["faults"] > 0
 
 
 def test_link_cut_and_restored(migration: Migration, source_host: LinkPair) -> None:
@@ -65,4 +67,4 @@ def test_link_cut_and_restored(migration: Migration, source_host: LinkPair) -> N
     assert rx_packets(source_host) == crossed, "packets crossed a link that was down"
     source_host.set_state("up")
     report = finish(migration, guest)
-    assert report["present"] == SOURCE_SIZE // PAGE
+    assert report["present"] == SOURCE_SIZE // PAGE_SIZE

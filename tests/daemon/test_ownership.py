@@ -11,10 +11,12 @@ import stat
 import subprocess
 import sys
 
-from tests.kernel.cgroups import memory_cgroups
+from tests.harness.cgroups import memory_cgroups
+from tests.harness.waiting import wait_until
 from umemd import node_path, read_counters
+from umemd.protocol import PAGE_SIZE
 
-from .conftest import PAGE, Migration, wait_for
+from .conftest import Migration
 
 
 def test_pull_owner_mode_cgroup_and_stats_beside_it(migration: Migration) -> None:
@@ -32,8 +34,8 @@ def test_pull_owner_mode_cgroup_and_stats_beside_it(migration: Migration) -> Non
         assert json.loads(stats.stdout)["present"] == 0
 
         migration.serve("--max-push-rate", "16")
-        wait_for(lambda: read_counters(migration.name).filled > 1000, "the first pages filled")
+        wait_until(lambda: read_counters(migration.name).filled > 1000, 60, "the first pages filled")
         filled = read_counters(migration.name).filled
-        assert guest.shmem_bytes() >= filled * PAGE * 3 // 4, "the pages pushed are not charged to --cgroup"
+        assert guest.shmem_bytes() >= filled * PAGE_SIZE * 3 // 4, "the pages pushed are not charged to --cgroup"
         pull.kill()
         migration.cleanup()

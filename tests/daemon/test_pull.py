@@ -9,11 +9,13 @@ import time
 
 import pytest
 
+from tests.harness.waiting import wait_until
 from umemd import node_path
+from umemd.protocol import PAGE_SIZE
 
-from .conftest import HOLE, PAGE, SOURCE_SIZE, ZEROS, Migration, wait_for
+from .conftest import HOLE, SOURCE_SIZE, ZEROS, Migration
 
-PAGES = SOURCE_SIZE // PAGE
+PAGES = SOURCE_SIZE // PAGE_SIZE
 
 
 def source_digest(migration: Migration) -> str:
@@ -40,13 +42,13 @@ def test_guest_faults_are_served_while_the_rest_is_pushed(migration: Migration, 
     report = finish(migration, guest)
     assert report["present"] == PAGES
     assert report["faults"] > 0 and report["demand_pages"] > 0 and report["pushed_pages"] > 0
-    hinted = (HOLE[1] - HOLE[0] + ZEROS[1] - ZEROS[0]) // PAGE
+    hinted = (HOLE[1] - HOLE[0] + ZEROS[1] - ZEROS[0]) // PAGE_SIZE
     assert report["zero_pages"] >= hinted * 0.9  # a few may go on demand as data
     assert report["fault_latency_us"]["p50"] > 0  # type: ignore[index]
 
 
 def started_but_unfinished(migration: Migration) -> None:
-    wait_for(lambda: migration.present() > 1000, "the first pages")
+    wait_until(lambda: migration.present() > 1000, 60, "the first pages")
     present = migration.present()
     assert 0 < present < PAGES, f"{present} of {PAGES} pages present: the fault must hit a migration in flight"
 

@@ -15,9 +15,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from umemd.protocol import HEADER, MAC_SIZE, Channel, FrameType
+from tests.harness.net import free_port
+from tests.harness.waiting import wait_until
+from umemd.protocol import HEADER, MAC_SIZE, PAGE_SIZE, Channel, FrameType
 
-from .conftest import PAGE, SOURCE_SIZE, Migration, free_port, wait_for
+from .conftest import SOURCE_SIZE, Migration
 from .test_pull import finish
 
 
@@ -120,8 +122,8 @@ class TamperingRelay:
             return bytes(flipped)
         if tamper is Tamper.INJECT:
             offset = data[HEADER.size:HEADER.size + 8]
-            forged = HEADER.pack(FrameType.PAGES, 0, 0, 16 + PAGE) + offset + (1).to_bytes(4, "big") + bytes(4)
-            return forged + b"\xa5" * PAGE + os.urandom(MAC_SIZE) + data
+            forged = HEADER.pack(FrameType.PAGES, 0, 0, 16 + PAGE_SIZE) + offset + (1).to_bytes(4, "big") + bytes(4)
+            return forged + b"\xa5" * PAGE_SIZE + os.urandom(MAC_SIZE) + data
         if tamper is Tamper.REPLAY:
             return data + data
         if tamper is Tamper.DROP:
@@ -144,9 +146,9 @@ def test_a_tampering_relay_gets_every_frame_refused_and_no_page_filled(migration
     pull = migration.pull()
     guest = migration.guest("random", threads=2, touches=50)  # maps the node now, checks every byte at the end
     migration.serve(connect=f"127.0.0.1:{relay.port}")
-    wait_for(lambda: len(relay.done) == len(Tamper) or pull.proc.poll() is not None,
-             "every tampering to have been tried", timeout=300)
-    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE  # every byte equals the source's
+    wait_until(lambda: len(relay.done) == len(Tamper) or pull.proc.poll() is not None, 300,
+               "every tampering to have been tried")
+    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE_SIZE  # every byte equals the source's
     refusals = pull.text().count(FRAME_MAC_REFUSAL)
     assert refusals >= len(Tamper), f"the pull refused {refusals} of {len(Tamper)} tampered connections:\n" + \
         pull.text()[-3000:]

@@ -6,7 +6,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from .conftest import PAGE, SOURCE_SIZE, Migration
+from umemd.protocol import PAGE_SIZE
+
+from .conftest import SOURCE_SIZE, Migration
 from .test_pull import finish
 
 
@@ -24,4 +26,4 @@ def test_migration_over_tls(migration: Migration, tmp_path: Path) -> None:
     migration.pull(*tls)
     guest = migration.guest("sequential", threads=2, touches=100)
     migration.serve(*tls)
-    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE
+    assert finish(migration, guest)["present"] == SOURCE_SIZE // PAGE_SIZE

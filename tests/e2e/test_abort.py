@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.modes import Settings
-from bench.umem import cancelled_then_retried
-from tests.qemu.harness import GuestImage
+from tests.harness.driver import Driver
+from tests.harness.machine import GuestImage, Settings
+from tests.harness.umem import cancelled_then_retried
 from umemd.destination import PullState
 
-from .conftest import Driver
 from .test_migrate import recovered
 
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.modes import Settings
-from bench.umem import MigrationResult, UmemSide, migrate_guest, wait_partly_present
-from tests.qemu.harness import GuestImage
-
-from .conftest import Driver
+from tests.harness.driver import Driver
+from tests.harness.machine import GuestImage, Settings
+from tests.harness.umem import MigrationResult, UmemSide, migrate_guest, wait_partly_present
 
 SLOW_PUSH = ("--max-push-rate", "8")  # MiB/s: pages are still missing when the fault is injected
 

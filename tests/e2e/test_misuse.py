@@ -9,10 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from bench.umem import KMOD, VENV_PYTHON, UmemSide, load_module
-from tests.qemu.harness import CHECKOUT, qemu_base_args
-
-from .conftest import Driver
+from tests.harness import CHECKOUT
+from tests.harness.driver import Driver
+from tests.harness.kmod import KMOD
+from tests.harness.machine import qemu_base_args
+from tests.harness.umem import VENV_PYTHON, UmemSide, insmod_on
 
 
 def run_in_vm(vm: Driver, *argv: str, limit: float = 120) -> tuple[int, str]:
@@ -41,7 +42,7 @@ def destination_qemu(vm: Driver, mem_path: str) -> tuple[int, str]:
 
 
 def test_destination_qemu_refuses_a_missing_node(vm: Driver) -> None:
-    vm.run(load_module(vm.topo))
+    vm.run(insmod_on(vm.topo))
     rc, out = destination_qemu(vm, "/dev/umem/not-created")
     assert rc == 1, out
     assert "does not exist; create the post-copy device first" in out
@@ -74,7 +75,7 @@ def test_a_page_server_with_the_wrong_key_gets_nothing(vm: Driver, workdir: Path
     wrong.chmod(0o600)
 
     async def attempt() -> None:
-        await load_module(vm.topo)
+        await insmod_on(vm.topo)
         await side.start_pull()
         serve = subprocess.Popen([sys.executable, "-m", "umemd.cli", "serve", str(side.ram_file), "--connect",
                                   f"127.0.0.1:{vm.topo.host_port('umem-page')}", "--key-file", str(wrong),
@@ -97,7 +98,7 @@ def test_a_page_server_of_another_migration_is_refused_and_exits_1(vm: Driver, w
     side.ram_file.write_bytes(b"\xbb" * (64 << 20))  # another guest's RAM, of the same size
 
     async def attempt() -> None:
-        await load_module(vm.topo)
+        await insmod_on(vm.topo)
         await side.start_pull()
         stale_id = "ee" * 16
         serve = subprocess.Popen([sys.executable, "-m", "umemd.cli", "serve", str(side.ram_file), "--connect",

@@ -2,7 +2,7 @@
 # tests/kbuild/debian-kernel.sh CHROOT RELEASE OUT: unpack Debian's
 # linux-image-RELEASE, fetched with apt-get download inside CHROOT (a chroot
 # of its release, tests/kbuild/chroot.sh), into OUT as a kernel root for
-# `python3 -m tests.vm --kernel-root OUT`: OUT/boot/vmlinuz-RELEASE and
+# `python3 -m tests.harness.vm --kernel-root OUT`: OUT/boot/vmlinuz-RELEASE and
 # OUT/lib/modules/RELEASE with modules.dep made by the host's depmod (the
 # guest runs the host's kmod).  Nothing is installed, on the host or in the
 # chroot.  Idempotent: OUT/.umem-ready names the package version.

@@ -1,7 +1,7 @@
 #!/bin/bash
 # tests/kbuild/debug-kernel.sh CACHE: build (once) the debug kernel of
 # `make test-kernel-debug` and print the directory it is installed in, a
-# kernel root for `python3 -m tests.vm --kernel-root` (boot/vmlinuz-RELEASE,
+# kernel root for `python3 -m tests.harness.vm --kernel-root` (boot/vmlinuz-RELEASE,
 # lib/modules/RELEASE) whose build tree is DIR/build (for M= module builds).
 #
 # Source: Debian's linux-source-MAJOR.MINOR at the version of the kernel the

@@ -10,30 +10,15 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import subprocess
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.harness.cgroups import Cgroup, memory_cgroups
+from tests.harness.kmod import IN_VM, load_module
 from umemd import Control, DeviceError, InstanceNotFoundError, Server
 from umemd.device import CONTROL_PATH
-
-from .cgroups import Cgroup, memory_cgroups
-
-IN_VM = os.environ.get("UMEM_IN_VM") == "1"
-KMOD = os.environ.get("UMEM_KMOD", str(Path(__file__).resolve().parents[2] / "kernel" / "umem.ko"))
-
-
-def module_loaded() -> bool:
-    return Path("/sys/module/umem").exists()
-
-
-def load_module() -> None:
-    if not module_loaded():
-        subprocess.run(["insmod", KMOD], check=True)
-    subprocess.run(["udevadm", "settle"], check=False)
 
 
 @pytest.fixture(scope="session", autouse=True)

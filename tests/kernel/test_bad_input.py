@@ -14,13 +14,15 @@ from typing import Any
 
 import pytest
 
+from tests.harness.mapping import Mapping
+from tests.harness.waiting import task_state, wait_until
 from umemd import Control, Server, node_path
 from umemd._umem_abi import ffi, lib
-from umemd.device import CONTROL_PATH, PAGE_SIZE
+from umemd.device import CONTROL_PATH
+from umemd.protocol import PAGE_SIZE
+from umemd.protocol import PAGE_SIZE as PAGE
 
-from .mapping import PAGE, Mapping
 from .userfault import Userfault
-from .waiting import task_state, wait_until
 
 SIZE = 1 << 20
 BAD_POINTER = 0x10  # never mapped

@@ -11,11 +11,12 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.harness.mapping import Mapping, libc, page_pattern
+from tests.harness.waiting import wait_until
 from umemd import DeviceError, Fault, Server, node_path
+from umemd.protocol import PAGE_SIZE as PAGE
 
-from .mapping import PAGE, Mapping, libc, page_pattern
 from .userfault import Userfault
-from .waiting import wait_until
 
 
 def waiters(server: Server) -> int:

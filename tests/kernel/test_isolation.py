@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.cgroups import Cgroup
+from tests.harness.mapping import Mapping, aligned_mapping, libc, page_pattern
+from tests.harness.waiting import wait_until
 from umemd import Control, NodeOwner, Server, node_path, read_counters
-
-from .cgroups import Cgroup
-from .mapping import PAGE, Mapping, aligned_mapping, libc, page_pattern
-from .waiting import wait_until
+from umemd.protocol import PAGE_SIZE as PAGE
 
 HUGE = 2 << 20
 MADV_COLLAPSE = 25

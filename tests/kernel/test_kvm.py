@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from umemd import Server, node_path
-
-from .mapping import PAGE
+from umemd.protocol import PAGE_SIZE as PAGE
 
 KVM_GUEST = Path(os.environ.get("UMEM_KVM_GUEST", Path(__file__).resolve().parents[2] / "build" / "kvm_guest"))
 

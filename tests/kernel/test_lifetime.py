@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.kmod import load_module
+from tests.harness.mapping import Mapping, page_pattern
+from tests.harness.waiting import wait_until
 from umemd import Control, DeviceError, Fault, Server, node_path
+from umemd.protocol import PAGE_SIZE as PAGE
 
-from .conftest import load_module
-from .mapping import PAGE, Mapping, page_pattern
 from .test_faults import waiters
-from .waiting import wait_until
 
 # A process that maps an instance, reads the pages named on stdin one per
 # line and prints each page's first 32 bytes.

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.mapping import Mapping, libc, page_pattern
+from tests.harness.waiting import task_state, wait_until
 from umemd import Fault, Server, node_path
-
-from .mapping import PAGE, Mapping, libc, page_pattern
-from .waiting import task_state, wait_until
+from umemd.protocol import PAGE_SIZE as PAGE
 
 MADV_HUGEPAGE = 14
 

@@ -8,9 +8,9 @@ import select
 import threading
 from collections.abc import Callable
 
+from tests.harness.mapping import Mapping
 from umemd import Server, node_path
-
-from .mapping import PAGE, Mapping
+from umemd.protocol import PAGE_SIZE as PAGE
 
 SIZE = 64 << 20
 PAGES = SIZE // PAGE

@@ -10,7 +10,8 @@ import os
 import select
 import struct
 
-from .mapping import MAP_FAILED, PAGE, libc
+from tests.harness.mapping import MAP_FAILED, libc
+from umemd.protocol import PAGE_SIZE as PAGE
 
 SYS_USERFAULTFD = 323  # x86-64
 UFFD_API = 0xAA

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from .harness import GuestImage, guest_image, qemu_binary
+from tests.harness.driver import guest
+from tests.harness.machine import qemu_binary
+
+__all__ = ["guest"]
 
 
 @pytest.fixture(scope="session")
@@ -16,11 +19,6 @@ def qemu() -> Path:
     if not path.exists():
         pytest.fail(f"{path} does not exist: run `make qemu` (qemu-patches/build.sh) first")
     return path
-
-
-@pytest.fixture(scope="session")
-def guest(qemu: Path) -> GuestImage:
-    return guest_image()
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from .harness import CACHE, CHECKOUT, qemu_datadir
+from tests.harness import CHECKOUT
+from tests.harness.machine import CACHE, qemu_datadir
 
 PATCHES = CHECKOUT / "qemu-patches"
 

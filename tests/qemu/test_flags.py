@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import run_qemu
+from tests.harness.machine import run_qemu
 
 CAPS = ['{"execute": "query-migrate-capabilities", "id": "caps"}']
 

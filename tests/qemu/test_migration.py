@@ -19,7 +19,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from .harness import GuestImage, Vm, WorkloadLog, free_port
+from tests.harness.machine import GuestImage, Vm, WorkloadLog
+from tests.harness.net import free_port
 
 MIB = 192           # workload size (the default)
 RAM = "512M"        # guest RAM

@@ -10,10 +10,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.harness.machine import Vm
 from umemd.qmpwatch import watch_source
 from umemd.session import SourceEvent, SourceGate, SourcePhase
-
-from .harness import Vm
 
 RAM = 64 << 20
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.net import free_port
 from umemd.errors import ConnectError, RemoteProtocolError
 from umemd.protocol import PAGE_SIZE, Authenticated, Channel, Connection, Info, Role
 from umemd.transport import Dialer, Endpoint, TlsFiles
@@ -24,12 +25,6 @@ from umemd.transport import Dialer, Endpoint, TlsFiles
 KEY = bytes(range(32))
 MIGRATION = bytes(16)
 TIMEOUT = 1.0  # the peer timeout of these tests; each deadline is a multiple of it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def source_handshake(port: int, channel: Channel = Channel.DEMAND, timeout: float = 10) -> tuple[socket.socket,

@@ -1,4 +1,4 @@
-"""The destination-side agent (bench/vm_agent.py) outlives a connect attempt the host gave up on."""
+"""The destination-side agent (tests/harness/vm_agent.py) outlives a connect attempt the host gave up on."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-AGENT = Path(__file__).resolve().parents[2] / "bench" / "vm_agent.py"
+from tests.harness.topology import AGENT
 
 
 def connect(port: int) -> socket.socket:
@@ -27,7 +27,7 @@ def test_a_connection_closed_before_any_request_does_not_end_the_agent(tmp_path:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    agent = subprocess.Popen([sys.executable, str(AGENT), "--listen", f"127.0.0.1:{port}", "--workdir",
+    agent = subprocess.Popen([sys.executable, str(AGENT), "--host", "127.0.0.1", "--port", str(port), "--workdir",
                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         connect(port).close()  # the host's attempt that timed out

@@ -1,14 +1,22 @@
-"""A veth pair into a network namespace, for tests and benchmarks that need
-a real link (pyroute2). Inside the test VM only: it needs the veth module."""
+"""Network helpers: a free TCP port, and a veth pair into a network namespace for tests and
+benchmarks that need a real link (pyroute2; inside the test VM only: it needs the veth module)."""
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute, NetNS, netns
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass

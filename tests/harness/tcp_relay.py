@@ -1,6 +1,6 @@
 """A TCP relay for the chaos lane (``make test-chaos``), run inside the test VM.
 
-``python3 bench/tcp_relay.py 4447=10.77.0.2:4447 4448=10.78.0.2:4448`` listens on
+``python3 tests/harness/tcp_relay.py 4447 10.77.0.2 4447 4448 10.78.0.2 4448`` listens on
 0.0.0.0:4447 and 0.0.0.0:4448 (the guest ports slirp forwards from the host) and
 relays every connection to its target, here ``umemd pull`` in a network namespace
 behind a veth pair, so that netem and ``ip link set down`` on that veth act on the
@@ -44,16 +44,21 @@ async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter, 
         writer.close()
 
 
-async def main(pairs: list[str]) -> None:
+async def main(relays: list[tuple[int, str, int]]) -> None:
     servers = []
-    for pair in pairs:
-        listen, _, target = pair.partition("=")
-        host, _, port = target.rpartition(":")
-        handler = functools.partial(relay, host=host, port=int(port))
-        servers.append(await asyncio.start_server(handler, "0.0.0.0", int(listen), reuse_address=True))
+    for listen, host, port in relays:
+        handler = functools.partial(relay, host=host, port=port)
+        servers.append(await asyncio.start_server(handler, "0.0.0.0", listen, reuse_address=True))
         print(f"tcp_relay: 0.0.0.0:{listen} -> {host}:{port}", flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
+def parse_relays(argv: list[str]) -> list[tuple[int, str, int]]:
+    """``LISTEN_PORT HOST PORT`` triples."""
+    if not argv or len(argv) % 3:
+        sys.exit("usage: tcp_relay.py LISTEN_PORT TARGET_HOST TARGET_PORT [LISTEN_PORT TARGET_HOST TARGET_PORT ...]")
+    return [(int(argv[i]), argv[i + 1], int(argv[i + 2])) for i in range(0, len(argv), 3)]
+
+
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1:]))
+    asyncio.run(main(parse_relays(sys.argv[1:])))

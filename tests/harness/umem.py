@@ -1,7 +1,7 @@
 """umem in the end-to-end topology: the two daemons and the QEMU arguments
 around one migration, for ``make demo``, the e2e tests and ``make bench-e2e``.
 
-Where everything runs (BRIEF §5, bench/topology.py):
+Where everything runs (BRIEF §5, tests/harness/topology.py):
 
 - host (source): the source QEMU, its RAM a shared file in /dev/shm, with
   ``-postcopy`` and two extra QMP sockets (one for ``umemd serve --qmp``, one
@@ -39,27 +39,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.qemu.harness import CHECKOUT, GuestImage, WorkloadLog
+from tests.harness import CHECKOUT
+from tests.harness.command import VENV_PYTHON, umemd_command
+from tests.harness.kmod import KMOD
+from tests.harness.machine import GuestImage, Settings, WorkloadLog
+from tests.harness.topology import HostVm, Topology
 from umemd.cli import parse_size
 from umemd.destination import PullState
 from umemd.migrate import first_status, read_status
 from umemd.transport import Endpoint
 
-from .metrics import daemon_requests
-from .modes import Mode, RunContext, Settings
-from .topology import ClockSample, HostVm, Topology
-
 PORTS = {"umem-page": 4447, "umem-status": 4448, "umem-qmp": 4449}
-VENV_PYTHON = CHECKOUT / ".venv" / "bin" / "python"
 PROFILE = os.environ.get("UMEM_BENCH_PROFILE") == "1"  # run pull under py-spy (make bench-e2e-profile)
-KMOD = CHECKOUT / "kernel" / "umem.ko"
 
 
-def umemd_argv(*args: str) -> list[str]:
-    return [str(VENV_PYTHON), "-m", "umemd.cli", "-v", *args]
-
-
-async def load_module(topo: Topology) -> None:
+async def insmod_on(topo: Topology) -> None:
     """insmod umem.ko on the destination side, once."""
     reply = await topo.agent.request("run", argv=["sh", "-c", f"test -e /dev/umem/control || insmod {KMOD}"])
     if reply["returncode"]:
@@ -152,11 +146,12 @@ class UmemSide:
         self.pulls += 1
         bind = self.topo.bind
         extra = ["--latency-log", self.latency_log_path] if latency_log else []
-        argv = umemd_argv("pull", self.name, "--size", str(self.ram_bytes),
+        argv = umemd_command("pull", self.name, "--size", str(self.ram_bytes),
                           "--listen", f"{bind}:{self.topo.guest_port('umem-page')}", "--key-file", str(self.key),
                           "--migration-id", self.migration_id,
                           "--status", f"{bind}:{self.topo.guest_port('umem-status')}",
-                          "--report", self.pull_report_path, *self.daemon_args, *extra)
+                          "--report", self.pull_report_path, *self.daemon_args, *extra,
+                             python=VENV_PYTHON, verbose=True)
         argv = [*self.pull_prefix, *argv]
         if PROFILE:  # where the pull's time goes: py-spy's folded stacks, every thread, idle included
             argv = [str(VENV_PYTHON.parent / "py-spy"), "record", "--format", "raw", "--idle", "--threads",
@@ -176,10 +171,11 @@ class UmemSide:
         self.serves += 1
         out = (self.workdir / f"serve-{self.serves}.log").open("wb")
         self.serve_proc = subprocess.Popen(
-            [sys.executable, "-m", "umemd.cli", "-v", "serve", str(self.ram_file),
-             "--connect", f"127.0.0.1:{self.topo.host_port('umem-page')}", "--key-file", str(self.key),
-             "--migration-id", self.migration_id,
-             *gate, "--report", str(self.workdir / f"serve-{self.serves}.json"), *self.daemon_args, *extra],
+            umemd_command("serve", str(self.ram_file),
+                          "--connect", f"127.0.0.1:{self.topo.host_port('umem-page')}", "--key-file", str(self.key),
+                          "--migration-id", self.migration_id, *gate,
+                          "--report", str(self.workdir / f"serve-{self.serves}.json"), *self.daemon_args, *extra,
+                          verbose=True),
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=CHECKOUT)
         out.close()
         return self.serve_proc
@@ -190,10 +186,11 @@ class UmemSide:
         self.serve_proc.wait()
 
     def migrate_argv(self, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "umemd.cli", "migrate", "--src-qmp", str(self.migrate_monitor),
-                "--dst-qmp", f"127.0.0.1:{self.topo.host_port('umem-qmp')}", "--dst-status", str(self.status),
-                "--uri", f"tcp:127.0.0.1:{self.topo.host_port('migration')}",
-                "--incoming", f"tcp:{self.topo.bind}:{self.topo.guest_port('migration')}", *extra]
+        return umemd_command("migrate", "--src-qmp", str(self.migrate_monitor),
+                             "--dst-qmp", f"127.0.0.1:{self.topo.host_port('umem-qmp')}",
+                             "--dst-status", str(self.status),
+                             "--uri", f"tcp:127.0.0.1:{self.topo.host_port('migration')}",
+                             "--incoming", f"tcp:{self.topo.bind}:{self.topo.guest_port('migration')}", *extra)
 
     async def pull_report(self) -> dict[str, Any]:
         data = await self.topo.agent.read_file(self.pull_report_path)
@@ -215,7 +212,7 @@ class UmemSide:
 
     async def missing_pages(self) -> int:
         """Pages of the instance not present yet, from ``umemd list`` in the VM."""
-        reply = await self.topo.agent.request("run", argv=[str(VENV_PYTHON), "-m", "umemd.cli", "list", "--json"])
+        reply = await self.topo.agent.request("run", argv=umemd_command("list", "--json", python=VENV_PYTHON))
         if reply["returncode"]:
             raise RuntimeError(f"umemd list failed: {reply['output']}")
         for instance in json.loads(reply["output"]):
@@ -248,7 +245,7 @@ class UmemSide:
                 out = await self.topo.agent.read_file(f"{self.topo.agent.hello['workdir']}/{name}.out")
                 (self.workdir / f"pull-{n}.log").write_bytes(out)
         with contextlib.suppress(Exception):
-            await self.topo.agent.request("run", argv=[str(VENV_PYTHON), "-m", "umemd.cli", "destroy", self.name])
+            await self.topo.agent.request("run", argv=umemd_command("destroy", self.name, python=VENV_PYTHON))
         self.ram_file.unlink(missing_ok=True)
 
 
@@ -296,7 +293,7 @@ async def booted_source(topo: Topology, guest: GuestImage, settings: Settings, w
     and its guest arguments; the daemons are stopped and their logs saved at the end."""
     side = side or UmemSide(topo, workdir, name, parse_size(settings.ram))
     guest_args = workload_args(guest, settings)
-    await load_module(topo)
+    await insmod_on(topo)
     try:
         async with HostVm(workdir, "src", [*guest_args, *side.source_args()]) as src:
             await src.wait_serial(lambda log: len(log.verifies) >= 1, settings.boot_timeout,
@@ -350,7 +347,7 @@ async def cancelled_then_retried(topo: Topology, guest: GuestImage, settings: Se
     runs on), then retried from the same running guest as a new migration: a new id, a fresh pull."""
     async with booted_source(topo, guest, settings, workdir, name) as (side, src, guest_args):
         cancelled = await _cancel_at_switchover(side, src, guest_args, settings)
-        await topo.agent.request("run", argv=[str(VENV_PYTHON), "-m", "umemd.cli", "destroy", name])
+        await topo.agent.request("run", argv=umemd_command("destroy", name, python=VENV_PYTHON))
         side.migration_id = secrets.token_hex(16)
         return cancelled, await _migrate_running(side, src, guest_args, settings, attempt="-retry")
 
@@ -423,79 +420,3 @@ async def wait_partly_present(side: UmemSide, low: float = 0.05, high: float = 0
         raise AssertionError(f"{share:.0%} of the pages were present before the fault could be injected: "
                              f"slow the push (serve --max-push-rate)")
     return status
-
-class UmemMode(Mode):
-    """umem: the destination's RAM is /dev/umem/<name>, umemd moves it (the fourth column).
-
-    The pull daemon and the page server start before the destination QEMU
-    (``-postcopy`` refuses a node that does not exist); the page server holds
-    its pages until the source reaches pre-switchover, and the switch-over
-    continues once the pull says it released, as with ``umemd migrate``. QEMU migrates device state only, so its
-    own ``total-time`` ends long before the last page: the total here runs from
-    ``migrate`` to the pull's last fill, and the latency rows come from the
-    pull's per-fault log (fault record read → page filled, the same span as
-    upstream's fault-thread read → page placed).
-    """
-
-    name = "umem"
-    title = "umem"
-    postcopy = True
-    extra_ports = PORTS
-
-    def _side(self, ctx: RunContext) -> UmemSide:
-        side = ctx.extra.get("umem")
-        if side is None:
-            side = ctx.extra["umem"] = UmemSide(ctx.topo, ctx.workdir, "bench", parse_size(ctx.settings.ram))
-        assert isinstance(side, UmemSide)
-        return side
-
-    def source_args(self, ctx: RunContext) -> list[str]:
-        return self._side(ctx).source_args()
-
-    def destination_args(self, ctx: RunContext) -> list[str]:
-        return self._side(ctx).destination_args()
-
-    async def before_destination(self, ctx: RunContext) -> None:
-        side = self._side(ctx)
-        await load_module(ctx.topo)
-        await side.start_pull(latency_log=True)
-        side.start_serve()
-
-    async def before_incoming(self, ctx: RunContext) -> None:
-        assert ctx.src is not None
-        caps = [{"capability": c, "state": True} for c in ("events", "pause-before-switchover")]
-        await ctx.src.cmd("migrate-set-capabilities", capabilities=caps)
-
-    async def switch_over(self, ctx: RunContext) -> None:
-        """As ``umemd migrate`` does: ``migrate-continue`` once the pull says the page server released."""
-        assert ctx.src is not None
-        await ctx.src.wait_migration({"pre-switchover"}, ctx.settings.migrate_timeout)
-        await first_status(self._side(ctx).status, 120, lambda doc: bool(doc["source_released"]))
-        await ctx.src.cmd("migrate-continue", state="pre-switchover")
-
-    async def after_completed(self, ctx: RunContext) -> None:
-        rc = await self._side(ctx).wait_pull(ctx.settings.migrate_timeout)
-        if rc:
-            raise RuntimeError(f"umemd pull exited {rc}: see {ctx.workdir}/pull-1.log")
-
-    async def collect(self, ctx: RunContext) -> dict[str, Any]:
-        side = self._side(ctx)
-        report = await side.pull_report()
-        log = (await ctx.topo.agent.read_file(side.latency_log_path)).decode()
-        (ctx.workdir / "latency.log").write_text(log)
-        assert ctx.dst is not None
-        resume = ctx.dst.events.find("RESUME")
-        requests = daemon_requests(log, report["faults"], resume[1] if resume else None)
-        clock: ClockSample = ctx.extra["clock_before"]
-        finished_host_ns = report["finished_unix"] * 1e9 - clock.offset_ns
-        assert ctx.src is not None
-        ram = (await ctx.src.cmd("query-migrate")).get("ram", {})
-        return {"pull": report, "overrides": {
-            "total_ms": round((finished_host_ns - ctx.extra["migrate_unix_ns"]) / 1e6),
-            "page_requests": requests.to_dict(),
-            # every page travels on umem's channels after the switch-over
-            "bytes": report["bytes_received"] + ram.get("transferred", 0),
-            "ram": {**ram, "postcopy-bytes": report["bytes_received"]}}}
-
-    async def cleanup(self, ctx: RunContext) -> None:
-        await self._side(ctx).stop()

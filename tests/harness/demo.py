@@ -1,4 +1,4 @@
-"""python -m bench.demo: the README's `make demo`, a real post-copy migration with umem.
+"""python -m tests.harness.demo: the README's `make demo`, a real post-copy migration with umem.
 
 1. Boots the test VM, which plays the destination host (Debian's kernel,
    umem.ko loaded, `umemd pull` and the patched QEMU started there).
@@ -21,11 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from tests.qemu.harness import CHECKOUT, guest_image
-
-from .modes import Settings
-from .topology import VmTopology
-from .umem import PORTS, migrate_guest
+from tests.harness import CHECKOUT
+from tests.harness.machine import Settings, guest_image
+from tests.harness.topology import VmTopology
+from tests.harness.umem import PORTS, migrate_guest
 
 
 def say(msg: str) -> None:
@@ -50,7 +49,7 @@ async def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tests.harness.demo", description=__doc__.splitlines()[0])
     p.add_argument("--ram", default="512M", help="guest RAM (default 512M)")
     p.add_argument("--mib", type=int, default=128, help="MiB the guest's workload writes and verifies (default 128)")
     p.add_argument("--workdir", type=Path, default=CHECKOUT / "build" / "demo", help="default build/demo")

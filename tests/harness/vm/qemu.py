@@ -43,7 +43,7 @@ KERNEL_CMDLINE = (
     "console=ttyS0 panic=-1 oops=panic panic_on_warn=1 loglevel=5 "
     "net.ifnames=0 rdinit=/init"
 )
-UDEV_NO_AUTOLOAD = b"# umem test VM: no module autoloading by udev (tests/vm/qemu.py)\n"
+UDEV_NO_AUTOLOAD = b"# umem test VM: no module autoloading by udev (tests/harness/vm/qemu.py)\n"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 

@@ -1,4 +1,4 @@
-"""python3 -m tests.vm [options] -- COMMAND...: run COMMAND in the test VM."""
+"""python3 -m tests.harness.vm [options] -- COMMAND...: run COMMAND in the test VM."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import signal
 import sys
 from pathlib import Path
 
+from tests.harness import CHECKOUT
+
 from .console import PATTERNS, excerpt
 from .initramfs import DEFAULT_CACHE_DIR, InitramfsError, cached_initramfs, find_kernel, find_kernel_in
 from .qemu import VMConfig, choose_accel, run_vm
-
-CHECKOUT = Path(__file__).resolve().parents[2]
 
 # Exit codes of the harness itself (the command's own code is passed through).
 EXIT_TIMEOUT = 124
@@ -32,10 +32,10 @@ BUG, Oops, Call Trace, panic, GPF, UBSAN or KASAN report, and with 124 on
 
 EPILOG = """\
 examples:
-  python3 -m tests.vm -- true
-  python3 -m tests.vm --udev -- python -m pytest tests/kernel
-  python3 -m tests.vm --hostfwd 4444:4444 -- python3 -m http.server 4444
-  UMEM_VM_ACCEL=tcg python3 -m tests.vm --env FOO=1 -- sh -c 'echo $FOO'"""
+  python3 -m tests.harness.vm -- true
+  python3 -m tests.harness.vm --udev -- python -m pytest tests/kernel
+  python3 -m tests.harness.vm --hostfwd 4444:4444 -- python3 -m http.server 4444
+  UMEM_VM_ACCEL=tcg python3 -m tests.harness.vm --env FOO=1 -- sh -c 'echo $FOO'"""
 
 
 def _env_pair(text: str) -> tuple[str, str]:
@@ -64,7 +64,7 @@ def _rules_file(text: str) -> Path:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python3 -m tests.vm", description=DESCRIPTION, epilog=EPILOG,
+        prog="python3 -m tests.harness.vm", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("command", nargs="+", metavar="COMMAND", help="command and arguments (after --)")

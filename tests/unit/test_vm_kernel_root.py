@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from . import initramfs, qemu
+from tests.harness.vm import initramfs, qemu
 
 
 def install(root: Path, release: str) -> None:

@@ -1,7 +1,7 @@
 """The benchmark's agent on the destination side: a small JSON-lines server.
 
-Run inside the test VM (``python3 -m tests.vm --hostfwd H:4440 -- python3
-bench/vm_agent.py --listen 0.0.0.0:4440``) or, for the host topology, as a
+Run inside the test VM (``python3 -m tests.harness.vm --hostfwd H:4440 -- python3
+tests/harness/vm_agent.py --port 4440``) or, for the host topology, as a
 local process. The benchmark on the host connects once, and the agent serves
 that one connection: it starts and stops the destination QEMU of each run (and,
 later, any other destination-side process such as a umem daemon), answers
@@ -172,22 +172,22 @@ def serve_connection(conn: socket.socket, agent: Agent) -> bool:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--listen", default="0.0.0.0:4440", help="HOST:PORT (default 0.0.0.0:4440)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=4440, help="port to listen on (default 4440)")
     parser.add_argument("--workdir", type=Path, help="where process output goes (default: a new temp dir)")
     parser.add_argument("--timeout", type=float, default=3600,
                         help="exit if no connection arrives within this many seconds")
     args = parser.parse_args(argv)
-    host, _, port = args.listen.rpartition(":")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="umem-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     agent = Agent(workdir)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, int(port)))
+        sock.bind((args.host, args.port))
         sock.listen(1)
         sock.settimeout(args.timeout)
-        print(f"umem-bench agent: listening on {args.listen}, workdir {workdir}", flush=True)
+        print(f"umem-bench agent: listening on {args.host}:{args.port}, workdir {workdir}", flush=True)
         try:
             serve(sock, agent)
         finally:

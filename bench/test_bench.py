@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
-from bench.metrics import event_interval, heartbeat_gaps, page_requests, percentile, summary
-from bench.modes import MODES, Settings
-from bench.run import run_once
-from bench.topology import ClockSample, HostTopology, complete_lines
+from tests.harness.machine import GuestImage, Settings, WorkloadLog
+from tests.harness.topology import ClockSample, HostTopology, complete_lines
 
-from .harness import GuestImage, WorkloadLog
+from . import report
+from .metrics import event_interval, heartbeat_gaps, page_requests, percentile, summary
+from .modes import MODES
+from .run import run_once
 
 BLOCK = report.BLOCKS["baseline"]
 

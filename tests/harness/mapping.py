@@ -14,6 +14,8 @@ import os
 import threading
 from pathlib import Path
 
+from umemd.protocol import PAGE_SIZE
+
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -21,7 +23,6 @@ libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 MAP_FAILED = ctypes.c_void_p(-1).value
 MAP_FIXED = 0x10
 PROT_NONE = 0
-PAGE = mmap.PAGESIZE
 
 
 class Mapping:
@@ -43,7 +44,7 @@ class Mapping:
         self.length = length
         self._readers: list[Reader] = []
 
-    def reader(self, offset: int, length: int = PAGE) -> Reader:
+    def reader(self, offset: int, length: int = PAGE_SIZE) -> Reader:
         """Start a thread that reads ``length`` bytes at ``offset``."""
         reader = Reader(self, offset, length)
         self._readers.append(reader)
@@ -77,7 +78,7 @@ class Mapping:
 def page_pattern(index: int, seed: int = 0) -> bytes:
     """4 KiB that identify page ``index``: every 8-byte word differs."""
     head = f"page {index:010d} seed {seed:06d} ".encode()
-    return (head * (PAGE // len(head) + 1))[:PAGE]
+    return (head * (PAGE_SIZE // len(head) + 1))[:PAGE_SIZE]
 
 
 class Reader(threading.Thread):

@@ -20,7 +20,6 @@ import itertools
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,8 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-CHECKOUT = Path(__file__).resolve().parents[2]
+from tests.harness import CHECKOUT
+
 CACHE = Path(os.environ.get("UMEM_CACHE", "/var/cache/umem"))
 ACCEL = os.environ.get("UMEM_QEMU_ACCEL", "tcg")
 
@@ -64,18 +64,26 @@ class GuestImage:
                 "-append", f"{self.cmdline} {extra}".strip()]
 
 
+@dataclass
+class Settings:
+    """What every run shares: the guest and the limits of one migration."""
+
+    ram: str = "512M"           # guest RAM
+    mib: int = 192              # workload size (wl_mib)
+    grow_mib: int = 0           # memory the workload takes while it runs, up to the switch-over (wl_grow_mib)
+    passes_after: int = 2       # destination verification passes after completion
+    postcopy_after_s: float = 0.0  # pre-copy before migrate-start-postcopy
+    boot_timeout: float = 180.0
+    migrate_timeout: float = 600.0
+    verify_timeout: float = 600.0
+
+
 def guest_image() -> GuestImage:
     """Build (or reuse from the cache) the test guest and return its files."""
     out = subprocess.run(["bash", str(CHECKOUT / "tests/qemu/guest/build.sh")], check=True,
                          stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
     d = Path(out)
     return GuestImage(d / "vmlinuz", d / "initrd.img", (d / "cmdline").read_text().strip())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

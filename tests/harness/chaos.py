@@ -1,5 +1,5 @@
 """The chaos lane's topology (``make test-chaos``, tests/chaos): the e2e topology of
-bench/umem.py with a shaped page link and relayed QMP monitors.
+tests/harness/umem.py with a shaped page link and relayed QMP monitors.
 
 Where faults act:
 
@@ -8,7 +8,7 @@ Where faults act:
   veth pairs: ``uc-page`` (10.77.0.1 ↔ 10.77.0.2) carries the page channels and takes the
   faults (``ip link set down``, netem loss, delay and reordering on both ends), ``uc-status``
   (10.78.0.1 ↔ 10.78.0.2) carries the pull's status endpoint and is never touched.
-  ``bench/tcp_relay.py`` in the VM's main namespace listens on the guest ports slirp forwards
+  ``tcp_relay.py`` in the VM's main namespace listens on the guest ports slirp forwards
   (umem-page, umem-status) and relays into the namespace. The migration stream, the QMP
   monitors and the agent do not cross either veth;
 - **the QMP monitors** (host): ``umemd serve --qmp`` and ``umemd migrate --src-qmp`` reach the
@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from tests.qemu.harness import CHECKOUT
-
-from .topology import Topology
-from .umem import UmemSide
+from tests.harness import CHECKOUT
+from tests.harness.topology import Topology
+from tests.harness.umem import UmemSide
 
 NETNS = "umem-chaos"
 PAGE_IF, PAGE_PEER, PAGE_HERE, PAGE_THERE = "uc-page", "uc-page-ns", "10.77.0.1", "10.77.0.2"
@@ -62,8 +61,8 @@ class ChaosNet:
         await self.sh("\n".join(lines))
         page, status = self.topo.guest_port("umem-page"), self.topo.guest_port("umem-status")
         await self.topo.agent.request("spawn", name=RELAY, cwd=str(CHECKOUT),
-                                      argv=["python3", "bench/tcp_relay.py", f"{page}={PAGE_THERE}:{page}",
-                                            f"{status}={STATUS_THERE}:{status}"])
+                                      argv=["python3", "tests/harness/tcp_relay.py", str(page), PAGE_THERE, str(page),
+                                            str(status), STATUS_THERE, str(status)])
 
     async def teardown(self) -> None:
         with contextlib.suppress(Exception):

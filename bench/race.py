@@ -1,8 +1,8 @@
-"""python -m bench.baseline: QEMU migration modes side by side in the end-to-end topology.
+"""python -m bench.race: QEMU migration modes side by side in the end-to-end topology.
 
 The upstream three by default (``make bench-baseline``); with ``--modes
 precopy,postcopy,postcopy-preempt,umem --section race`` the four-way race of
-``make bench-e2e``. Boots the test VM once (destination side, see bench/topology.py), then runs
+``make bench-e2e``. Boots the test VM once (destination side, see tests/harness/topology.py), then runs
 every mode ``--runs`` times, interleaved (pre-copy 1, postcopy 1, preempt 1,
 pre-copy 2, ...), each with a fresh source and destination QEMU; prints medians
 with ranges, writes the raw records as JSON and the table as Markdown, and with
@@ -21,20 +21,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.qemu.harness import CHECKOUT, guest_image, qemu_binary
+from tests.harness import CHECKOUT
+from tests.harness.machine import Settings, guest_image, qemu_binary
+from tests.harness.topology import HostTopology, Topology, VmTopology
 
 from . import report
 from .modes import MODES as UPSTREAM_MODES
-from .modes import Mode, Settings
+from .modes import Mode
 from .run import run_once
-from .topology import HostTopology, Topology, VmTopology
-from .umem import UmemMode
+from .umem_mode import UmemMode
 
 MODES: dict[str, type[Mode]] = {**UPSTREAM_MODES, UmemMode.name: UmemMode}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.race", description=__doc__.splitlines()[0])
     p.add_argument("--topology", choices=("vm", "host"), default="vm",
                    help="vm: destination inside the test VM (default); host: both on the host (reference)")
     p.add_argument("--modes", default=",".join(UPSTREAM_MODES),
@@ -143,7 +144,7 @@ def main(argv: list[str]) -> int:
         if unknown:
             raise SystemExit(f"unknown mode(s): {', '.join(unknown)}; known: {', '.join(MODES)}")
         modes = [MODES[n]() for n in names]
-        command = args.command or "python -m bench.baseline " + shlex.join(argv)
+        command = args.command or "python -m bench.race " + shlex.join(argv)
         result = asyncio.run(bench(args, modes, command))
     doc = report.BLOCKS[args.section]
     generated = report.block(result, doc)

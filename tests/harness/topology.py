@@ -2,14 +2,14 @@
 
 The end-to-end topology (BRIEF §5): the source QEMU runs the test guest on the
 host; the destination QEMU (the same patched 10.0 binary, through the test VM's
-root share) runs inside the test VM booted by ``tests/vm``, and the host
+root share) runs inside the test VM booted by ``tests/harness/vm``, and the host
 reaches it only through slirp port forwards bound to 127.0.0.1
 (``--hostfwd``). Everything connects from the host to the VM:
 
 =========  ==========  =====================================================
 name       guest port  what
 =========  ==========  =====================================================
-agent      4440        ``bench/vm_agent.py``: starts/stops destination
+agent      4440        ``vm_agent.py``: starts/stops destination
                        processes, clock probes, files back
 migration  4444        ``migrate-incoming tcp:0.0.0.0:4444``; postcopy-preempt
                        opens its second channel to the same port
@@ -17,8 +17,8 @@ qmp        4445        the destination QEMU's QMP (``-qmp tcp:…,server=on``)
 serial     4446        the destination guest's serial console
 =========  ==========  =====================================================
 
-Modes can ask for more forwards (umem's page channel) with
-:attr:`bench.modes.Mode.extra_ports`.
+More forwards (umem's page channel, tests/harness/umem.py) are asked for with
+``extra_ports``.
 
 :class:`VmTopology` is that. :class:`HostTopology` runs the same agent as a
 local process and the destination on the host, with the same code path, as a
@@ -49,10 +49,13 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.message import Message
 
-from tests.qemu.harness import CHECKOUT, Vm, WorkloadLog, free_port, qemu_base_args
+from tests.harness import CHECKOUT
+from tests.harness.machine import Vm, WorkloadLog, qemu_base_args
+from tests.harness.net import free_port
 
 READ_CHUNK = 4 << 20    # bytes per agent read (base64 on one line)
 LINE_LIMIT = 16 << 20   # the agent connection's line limit
+AGENT = CHECKOUT / "tests" / "harness" / "vm_agent.py"  # a script: standard library only
 BASE_PORTS = {"agent": 4440, "migration": 4444, "qmp": 4445, "serial": 4446}
 
 
@@ -86,7 +89,7 @@ def complete_lines(text: str) -> str:
 
 
 class HostVm(Vm):
-    """The source: :class:`tests.qemu.harness.Vm` with timed events and whole serial lines."""
+    """The source: :class:`tests.harness.machine.Vm` with timed events and whole serial lines."""
 
     def __init__(self, workdir: Path, name: str, args: list[str]) -> None:
         super().__init__(workdir, name, args)
@@ -119,7 +122,7 @@ class AgentError(RuntimeError):
 
 
 class AgentClient:
-    """The host's end of ``bench/vm_agent.py``'s connection."""
+    """The host's end of ``vm_agent.py``'s connection."""
 
     def __init__(self) -> None:
         self.reader: asyncio.StreamReader | None = None
@@ -321,7 +324,7 @@ class _AgentProcess(Topology):
         try:
             await asyncio.wait_for(asyncio.to_thread(self.proc.wait), 60)
         except TimeoutError:
-            # tests.vm unwinds on SIGTERM (it kills its QEMU); the agent just exits.
+            # tests.harness.vm unwinds on SIGTERM (it kills its QEMU); the agent just exits.
             self.proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.to_thread(self.proc.wait), 30)
@@ -345,13 +348,12 @@ class HostTopology(_AgentProcess):
             self.guest_ports[name] = self.host_ports[name] = port
 
     def command(self) -> list[str]:
-        return [sys.executable, str(CHECKOUT / "bench" / "vm_agent.py"),
-                "--listen", f"127.0.0.1:{self.guest_port('agent')}",
+        return [sys.executable, str(AGENT), "--host", "127.0.0.1", "--port", str(self.guest_port("agent")),
                 "--workdir", str(self.workdir / "agent"), "--timeout", "600"]
 
 
 class VmTopology(_AgentProcess):
-    """Destination inside the test VM (``python3 -m tests.vm``), booted once for all runs."""
+    """Destination inside the test VM (``python3 -m tests.harness.vm``), booted once for all runs."""
 
     name = "vm"
     bind = "0.0.0.0"
@@ -366,9 +368,9 @@ class VmTopology(_AgentProcess):
 
     def command(self) -> list[str]:
         fwd = [a for name, g in self.guest_ports.items() for a in ("--hostfwd", f"{self.host_ports[name]}:{g}")]
-        return [sys.executable, "-m", "tests.vm", "--net", *fwd, "--timeout", str(self.timeout),
+        return [sys.executable, "-m", "tests.harness.vm", "--net", *fwd, "--timeout", str(self.timeout),
                 "--console-log", str(self.workdir / "vm-console.log"), *self.vm_args, "--",
-                "python3", "bench/vm_agent.py", "--listen", f"0.0.0.0:{self.guest_port('agent')}",
+                "python3", str(AGENT.relative_to(CHECKOUT)), "--port", str(self.guest_port("agent")),
                 "--timeout", "600"]
 
     def describe(self) -> dict[str, Any]:

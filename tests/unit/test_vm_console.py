@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 
-from . import console, initramfs
+from tests.harness.vm import console, initramfs
 
 CLEAN_BOOT = """\
 [    1.274533] mtrr: your CPUs had inconsistent fixed MTRR settings
