@@ -8,7 +8,7 @@ from typing import Any
 from tests.harness.topology import ClockSample
 from tests.harness.umem import PORTS, UmemSide, insmod_on
 from umemd.cli import parse_size
-from umemd.migrate import first_status
+from umemd.status import first_status
 
 from .metrics import daemon_requests
 from .modes import Mode, RunContext

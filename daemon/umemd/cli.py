@@ -22,17 +22,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from umemd.destination import Puller, PullState, open_instance
-from umemd.device import CONTROL_PATH, Control, NodeOwner, Server, node_path, read_counters
-from umemd.errors import DeviceError, MigrationAbortedError, ModuleNotLoadedError, SourceLostError, UmemError
+from umemd.destination import Puller, open_instance
+from umemd.device import CONTROL_PATH, Control, NodeOwner, read_counters
+from umemd.errors import MigrationAbortedError, ModuleNotLoadedError, SourceLostError, UmemError
 from umemd.planner import PREPAGE
 from umemd.priority import short_gil_slices
 from umemd.protocol import MIGRATION_ID_SIZE, Role
 from umemd.ramfile import RamFile
 from umemd.session import SourceEvent, SourceGate
 from umemd.source import PageServer
-from umemd.stats import PullStats
-from umemd.status import StatusServer
+from umemd.stats import LOG_EVERY, ProgressLine, PullStats
+from umemd.status import PullState, StatusServer, present_pages, status_document
 from umemd.transport import PEER_TIMEOUT, Dialer, Endpoint, TlsFiles
 
 log = logging.getLogger("umemd")
@@ -260,15 +260,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     # under TCG, and a restarted pull keeps faulting vCPUs waiting) does not pay for them.
     import asyncio
 
-    from umemd.migrate import MigrateOptions, QmpAddress, migrate, summary, terminal_progress, write_plot
+    from umemd.migrate import MigrateOptions, QmpAddress, migrate
+    from umemd.report import summary, write_plot
+    progress = ProgressLine(sys.stderr.isatty(), width=160)
     incoming = args.incoming or args.uri  # listen exactly where the source connects, never on every interface
     opts = MigrateOptions(QmpAddress(args.src_qmp), QmpAddress(args.dst_qmp), args.dst_status, args.uri, incoming,
                           ready_timeout=args.ready_timeout, release_timeout=args.release_timeout,
                           timeout=args.timeout, keep_source=args.keep_source,
-                          progress=None if args.quiet else terminal_progress())
+                          progress=None if args.quiet else progress.show)
     report = asyncio.run(migrate(opts))
-    if opts.progress and sys.stderr.isatty():
-        sys.stderr.write("\n")
+    if not args.quiet:
+        progress.end()
     print(summary(report), flush=True)
     if args.report:
         args.report.write_text(json.dumps(report, indent=2) + "\n")
@@ -297,7 +299,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             stats.latency.keep_samples()
         dialer = dialer_for(args, Role.DESTINATION, stop)
         puller = Puller(control, server, dialer, stats, source_timeout=args.source_timeout or None)
-        status = StatusServer(args.status, lambda: status_line(puller, puller.state)) if args.status else None
+        status = StatusServer(args.status, lambda: status_document(puller, puller.state)) if args.status else None
         progress = Progress(puller, sys.stderr.isatty() and not args.quiet)
         progress.start()
         if status:
@@ -317,8 +319,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
             progress.stop()
             stop.set()
             dialer.close()
-            present = _present(server)
-            last = status_line(puller, state, present)
+            present = present_pages(server)
+            last = status_document(puller, state, present)
             if status:
                 status.finish(last)
             if args.report:  # the status endpoint's last line (docs/protocol.md): the state with the counts
@@ -330,46 +332,23 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _present(server: Server) -> int:
-    """Pages present, or -1 if the instance cannot say (e.g. its device failed)."""
-    try:
-        return server.stats().present
-    except DeviceError:
-        return -1
-
-
-def status_line(puller: Puller, state: PullState, present: int | None = None) -> dict[str, object]:
-    """One line of the status endpoint (umemd.status)."""
-    if present is None:
-        present = _present(puller.server)
-    return {"time": time.time(), "name": puller.server.name, "node": str(node_path(puller.server.name)),
-            "migration_id": puller.server.tag.hex(), "state": state.value, "source_released": puller.source_released,
-            "source_lost_since": puller.source_lost_since, **puller.stats.report(present)}
-
-
 class Progress(threading.Thread):
-    """A live progress line on a terminal, or a log line every few seconds."""
+    """The pull's progress line, every 0.5 s on a terminal, else every :data:`LOG_EVERY` s."""
 
     def __init__(self, puller: Puller, tty: bool) -> None:
         super().__init__(name="umemd-progress", daemon=True)
         self.puller = puller
-        self.tty = tty
+        self.line = ProgressLine(tty, log_every=0.0)  # paced by this thread
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        interval = 0.5 if self.tty else 5.0
+        interval = 0.5 if self.line.tty else LOG_EVERY
         while not self._stop_event.wait(interval):
-            line = self.puller.stats.progress_line(self.puller.present())
-            if self.tty:
-                sys.stderr.write("\r" + line[:200] + "\033[K")
-                sys.stderr.flush()
-            else:
-                log.info("%s", line)
+            self.line.show(self.puller.stats.progress_line(self.puller.present()))
 
     def stop(self) -> None:
         self._stop_event.set()
-        if self.tty:
-            sys.stderr.write("\n")
+        self.line.end()
 
 
 def add_link_options(p: argparse.ArgumentParser) -> None:

@@ -25,7 +25,6 @@ add to (``stats``: pages, zero hints, skipped, bytes).
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import itertools
 import logging
@@ -43,6 +42,7 @@ from umemd.errors import (
     MigrationAbortedError,
     MigrationMismatchError,
     ProtocolError,
+    SizeMismatchError,
     SourceLostError,
     UmemError,
 )
@@ -62,26 +62,12 @@ from umemd.protocol import (
 )
 from umemd.protocol import Pages as PagesEvent
 from umemd.stats import PullStats
+from umemd.status import PullState
 from umemd.transport import Dialer, Link
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.25  # seconds between completion checks while idle
-
-
-class SizeMismatchError(UmemError):
-    """The source's RAM and the instance differ in size."""
-
-
-class PullState(enum.Enum):
-    """The pull's state, as the status endpoint and umemd migrate see it."""
-
-    READY = "ready"  # the instance exists and faults are collected; no source yet
-    PULLING = "pulling"  # a source is connected
-    COMPLETE = "complete"  # every page is present; the node is destroyed
-    FAILED = "failed"  # the pull ended with an error
-    ABORTED = "aborted"  # the source aborted the migration: this instance must not be used
-    SOURCE_LOST = "source_lost"  # no page server for --source-timeout: the instance stays, to attach to
 
 
 class Puller:

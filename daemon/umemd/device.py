@@ -24,13 +24,13 @@ from umemd.errors import (
     ServerBusyError,
     UmemError,
 )
+from umemd.protocol import PAGE_SIZE
 
 DEV_DIR = Path("/dev/umem")
 CONTROL_PATH = DEV_DIR / "control"
 SYSFS_CLASS = Path("/sys/class/umem")
 TAG_SIZE = lib.UMEM_TAG_SIZE
 NO_TAG = bytes(TAG_SIZE)
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 FAULT_SIZE = ffi.sizeof("struct umem_fault")
 FILL_MAX_RANGES = lib.UMEM_FILL_MAX_RANGES
 NAME_MAX = lib.UMEM_NAME_MAX - 1

@@ -17,6 +17,8 @@ Every error umemd raises derives from :class:`UmemError`. The tree::
      +-- ConnectError            a connection could not be made (OSError kept as cause)
      +-- MigrationAbortedError   the migration was aborted: no page may be served or used
      +-- SourceLostError         no page server for longer than --source-timeout
+     +-- SizeMismatchError       the source's RAM and the instance differ in size
+     +-- MigrationError          umemd migrate: the migration could not start or did not finish
 
 Messages name the thing that failed and, where there is one, the fix.
 """
@@ -95,3 +97,11 @@ class ConnectError(UmemError):
 class SourceLostError(UmemError):
     """The pull had no page server for longer than its --source-timeout; the
     instance stays, for a restarted pull to attach to."""
+
+
+class SizeMismatchError(UmemError):
+    """The source's RAM and the instance differ in size."""
+
+
+class MigrationError(UmemError):
+    """The migration could not start or did not finish."""

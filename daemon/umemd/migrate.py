@@ -32,34 +32,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 import logging
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 from qemu.qmp.message import Message
 
-from umemd.destination import PullState
-from umemd.errors import ConnectError, UmemError
+from umemd.errors import ConnectError, MigrationError, UmemError
 from umemd.qmpwatch import qmp_call
-from umemd.status import MAX_LINE
+from umemd.report import Timeline, build_report
+from umemd.status import FINAL_PULL_STATES, PullState, first_status, read_status
 from umemd.transport import Endpoint
 
 log = logging.getLogger(__name__)
 
 POLL = 0.1  # seconds between query-migrate polls
-FINAL_PULL_STATES = frozenset(s.value for s in (PullState.COMPLETE, PullState.FAILED, PullState.ABORTED))
-
-
-class MigrationError(UmemError):
-    """The migration could not start or did not finish."""
 
 
 @dataclass(frozen=True)
@@ -69,10 +60,13 @@ class QmpAddress:
     text: str
 
     def target(self) -> str | tuple[str, int]:
-        host, sep, port = self.text.rpartition(":")
-        if sep and port.isdigit() and "/" not in self.text:
-            return host.strip("[]") or "127.0.0.1", int(port)
-        return self.text
+        if "/" in self.text:
+            return self.text
+        try:
+            endpoint = Endpoint.parse(self.text)
+        except UmemError:  # not HOST:PORT: a path
+            return self.text
+        return endpoint.host, endpoint.port
 
     def __str__(self) -> str:
         return self.text
@@ -90,20 +84,6 @@ class MigrateOptions:
     timeout: float = 3600.0
     keep_source: bool = False
     progress: Callable[[str], None] | None = None
-
-
-@dataclass
-class Timeline:
-    """What the pull daemon reported over time (seconds since ``migrate``)."""
-
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    marks: dict[str, float] = field(default_factory=dict)  # event -> seconds since migrate
-
-    def add(self, t: float, status: dict[str, Any]) -> None:
-        self.samples.append({"t": round(t, 3), "present": status["present"], "faults": status["faults"],
-                             "demand_pages": status["demand_pages"], "pushed_pages": status["pushed_pages"],
-                             "zero_pages": status["zero_pages"],
-                             "latency": status["fault_latency_us"]["histogram"]})
 
 
 class EventClock(EventListener):
@@ -245,7 +225,8 @@ async def _run(opts: MigrateOptions, src: QMPClient, dst: QMPClient, ready: dict
                              f"{last.get('pages')} pages present: see its log")
     for name, t in (*src_events.arrived.items(), *dst_events.arrived.items()):
         timeline.marks[name] = t - started
-    return build_report(ready, last, src_info, dst_info, src_events, dst_events, started, finished, timeline)
+    return build_report(ready, last, src_info, dst_info, src_events.arrived.get("STOP"),
+                        dst_events.arrived.get("RESUME"), started, finished, timeline)
 
 
 def progress_line(status: dict[str, Any], src_events: EventClock, dst_events: EventClock) -> str:
@@ -259,31 +240,6 @@ def progress_line(status: dict[str, Any], src_events: EventClock, dst_events: Ev
             f"{status['reconnects']} reconnects"
             + (f"; source lost since {time.strftime('%H:%M:%S', time.localtime(lost))} "
                f"({status['time'] - lost:.0f} s)" if lost else ""))
-
-
-def build_report(ready: dict[str, Any], last: dict[str, Any], src_info: dict[str, Any], dst_info: dict[str, Any],
-                 src_events: EventClock, dst_events: EventClock, started: float, finished: float,
-                 timeline: Timeline) -> dict[str, Any]:
-    stop, resume = src_events.arrived.get("STOP"), dst_events.arrived.get("RESUME")
-    ram = src_info.get("ram", {})
-    return {
-        "instance": ready["name"],
-        "node": ready["node"],
-        "migration_id": ready["migration_id"],
-        "stop_resume_ms": round((resume - stop) * 1000, 1) if stop and resume else None,
-        "total_s": round(finished - started, 3),
-        "qemu": {"total_ms": src_info.get("total-time"), "setup_ms": src_info.get("setup-time"),
-                 "ram_bytes": ram.get("transferred"), "ram_total": ram.get("total"),
-                 "destination_status": dst_info.get("status")},
-        "pages": {"total": last["pages"], "present": last["present"], "faults": last["faults"],
-                  "demanded": last["demand_pages"], "pushed": last["pushed_pages"],
-                  "zero_hints": last["zero_pages"], "already_present": last["skipped_pages"]},
-        "bytes_received": last["bytes_received"],
-        "reconnects": last["reconnects"],
-        "daemon_attached": last["attached"],  # the pull that finished had restarted and attached
-        "fault_latency_us": last["fault_latency_us"],
-        "timeline": {"marks": {k: round(v, 3) for k, v in timeline.marks.items()}, "samples": timeline.samples},
-    }
 
 
 async def _switch_over(opts: MigrateOptions, src: QMPClient, dst: QMPClient, dst_events: EventClock,
@@ -338,140 +294,3 @@ async def _quit_source(src: QMPClient) -> None:
     with contextlib.suppress(Exception):
         await src.execute("quit")
     log.info("the destination guest runs; the source QEMU has quit (its RAM file keeps the pages)")
-
-
-def summary(report: dict[str, Any]) -> str:
-    p, q, lat = report["pages"], report["qemu"], report["fault_latency_us"]
-    stop_resume = f"{report['stop_resume_ms']:.0f} ms" if report["stop_resume_ms"] is not None else "not seen"
-    return "\n".join([
-        f"migrated {report['instance']} ({p['total']} pages, {p['total'] * 4096 / 2**20:.0f} MiB, "
-        f"migration {report['migration_id']})",
-        f"  STOP->RESUME      {stop_resume}",
-        f"  until last page   {report['total_s']:.2f} s",
-        f"  migration stream  {q['ram_bytes']} bytes of RAM blocks (device state and ROMs; guest RAM moved by umem)",
-        f"  pages             {p['demanded']} demanded by {p['faults']} faults, {p['pushed']} pushed, "
-        f"{p['zero_hints']} zero hints (counted in those two), {p['already_present']} already present",
-        f"  received          {report['bytes_received'] / 2**20:.1f} MiB, {report['reconnects']} reconnects",
-        f"  fault latency     p50 {lat['p50'] / 1000:.2f} ms, p99 {lat['p99'] / 1000:.2f} ms "
-        f"(power-of-two buckets; upper bounds)",
-    ])
-
-
-def terminal_progress() -> Callable[[str], None]:
-    """A progress callback: a rewritten line on a terminal, a log line every 5 s otherwise."""
-    if sys.stderr.isatty():
-        def show(line: str) -> None:
-            sys.stderr.write("\r" + line[:160] + "\033[K")
-            sys.stderr.flush()
-        return show
-    last = [0.0]
-
-    def log_line(line: str) -> None:
-        if time.monotonic() - last[0] >= 5:
-            last[0] = time.monotonic()
-            log.info("%s", line)
-    return log_line
-
-
-def write_plot(report: dict[str, Any], path: Path) -> None:
-    """Pages present, faults per second and fault latency over time, as a PNG."""
-    import matplotlib  # a slow import, only for --plot
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    samples, marks = report["timeline"]["samples"], report["timeline"]["marks"]
-    total = report["pages"]["total"]
-    t = [s["t"] for s in samples]
-    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, sharex=True, figsize=(9, 8))
-    ax1.plot(t, [100 * s["present"] / total for s in samples])
-    ax1.set_ylabel("pages present (%)")
-    rates, p50, p99 = interval_series(samples)
-    ax2.step(t[1:], rates, where="pre")
-    ax2.set_ylabel("faults / s")
-    ax3.step(t[1:], [v / 1000 for v in p50], where="pre", label="p50")
-    ax3.step(t[1:], [v / 1000 for v in p99], where="pre", label="p99")
-    ax3.set_ylabel("fault latency (ms)")
-    ax3.set_xlabel("seconds since migrate")
-    ax3.legend()
-    for ax in (ax1, ax2, ax3):
-        for at in marks.values():
-            ax.axvline(at, color="grey", linestyle=":", linewidth=1)
-    for name, at in marks.items():
-        ax1.annotate(name, (at, 100), rotation=90, fontsize=7, va="top")
-    fig.suptitle(f"umem post-copy of {report['instance']}: STOP->RESUME {report['stop_resume_ms']} ms, "
-                 f"last page at {report['total_s']} s")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def interval_series(samples: list[dict[str, Any]]) -> tuple[list[float], list[float], list[float]]:
-    """Per interval between samples: faults per second and latency p50/p99 (µs, bucket upper
-    bounds) of the faults served in it, from the difference of the cumulative histograms."""
-    rates, p50, p99 = [], [], []
-    for before, after in itertools.pairwise(samples):
-        dt = max(after["t"] - before["t"], 1e-6)
-        rates.append((after["faults"] - before["faults"]) / dt)
-        diff = {k: n - before["latency"].get(k, 0) for k, n in after["latency"].items()}
-        p50.append(_bucket_percentile(diff, 0.5))
-        p99.append(_bucket_percentile(diff, 0.99))
-    return rates, p50, p99
-
-
-def _bucket_percentile(buckets: dict[str, int], fraction: float) -> float:
-    count = sum(buckets.values())
-    seen = 0
-    for key in sorted(buckets, key=lambda k: int(k[1:-2])):
-        seen += buckets[key]
-        if count and seen >= fraction * count:
-            return float(key[1:-2])
-    return 0.0
-
-
-# ---- the pull's status endpoint, client side (umemd.status) ------------------------
-
-
-async def read_status(endpoint: Endpoint, on_line: Callable[[dict[str, Any]], None], *,
-                      deadline: float) -> dict[str, Any]:
-    """Follow a pull daemon's status until it says ``complete`` or ``failed``, calling
-    ``on_line`` with every line; returns the last one."""
-    return await follow_status(endpoint, lambda doc: doc.get("state") in FINAL_PULL_STATES, deadline, on_line)
-
-
-async def first_status(endpoint: Endpoint, timeout: float,
-                       until: Callable[[dict[str, Any]], bool] = lambda doc: True) -> dict[str, Any]:
-    """The first status line of the daemon at ``endpoint`` for which ``until`` holds (by default
-    any: the daemon is up and holds its instance), within ``timeout`` seconds."""
-    return await follow_status(endpoint, until, time.monotonic() + timeout)
-
-
-async def follow_status(endpoint: Endpoint, until: Callable[[dict[str, Any]], bool], deadline: float,
-                        on_line: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Read status lines, reconnecting with backoff (the daemon may be restarted), until one
-    satisfies ``until``; ConnectError at ``deadline`` (monotonic), naming what was seen."""
-    last: dict[str, Any] = {}
-    last_error: BaseException | None = None
-    backoff = 0.1
-    while time.monotonic() < deadline:
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(endpoint.host, endpoint.port, limit=MAX_LINE), 5)
-            try:
-                while line := await asyncio.wait_for(reader.readline(), max(0.1, deadline - time.monotonic())):
-                    last = json.loads(line)
-                    backoff = 0.1
-                    if on_line:
-                        on_line(last)
-                    if until(last):
-                        return last
-            finally:
-                writer.close()
-            last_error = EOFError("closed without a status line")
-        except (OSError, TimeoutError, ValueError) as e:
-            last_error = e
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, 2.0)
-    if last:
-        raise ConnectError(f"umemd pull at {endpoint} is still {last.get('state')!r} at the deadline")
-    raise ConnectError(f"no umemd pull status at {endpoint} in time ({last_error}): start "
-                       f"`umemd pull NAME --size SIZE --status {endpoint} ...` on the destination first")

@@ -59,7 +59,7 @@ from umemd.errors import AuthenticationError, LocalProtocolError, MigrationMisma
 
 MAGIC = b"UMEMWIRE"
 VERSION = 3
-PAGE_SIZE = 4096
+PAGE_SIZE = 4096  # the page of the wire, the device and the RAM file: umem's one page size (x86-64)
 NONCE_SIZE = 16
 MIGRATION_ID_SIZE = 16
 TAG_SIZE = 32
@@ -74,6 +74,7 @@ MAC_SIZE = 16  # keyed BLAKE2b-128 after every frame past the sender's AUTH (key
 HEADER = struct.Struct("!BBHI")
 HELLO_PREFIX = struct.Struct("!8sH")  # magic, version: the same in every version
 HELLO = struct.Struct("!8sHBBI16s16s")  # ... role, channel, flags, nonce, migration id
+HELLO_CHANNEL = HELLO_PREFIX.size + 1  # offset of the channel byte in a HELLO payload (after the role)
 # HELLO flags: the optional features a side offers; a connection uses those both offer, and an
 # unknown bit is an offer this side declines (so a later release adds frames without a new
 # version). Version 2 defines none.
@@ -318,6 +319,20 @@ class FrameMac:
 
 def _our_bug(reason: str) -> NoReturn:
     raise LocalProtocolError(reason)
+
+
+def hello_length(header: bytes) -> int:
+    """The payload length in the header of a connecting peer's first frame, which must be a HELLO
+    of any protocol version with a channel byte (the listening side reads that whole frame first)."""
+    kind, _, _, length = HEADER.unpack(header)
+    if kind != FrameType.HELLO or length > MAX_PAYLOAD[FrameType.HELLO] or length <= HELLO_CHANNEL:
+        raise RemoteProtocolError("the peer did not start with a umem HELLO")
+    return int(length)
+
+
+def hello_channel(hello: bytes) -> int:
+    """The channel a whole HELLO frame (header included) names, valid or not."""
+    return hello[HEADER.size + HELLO_CHANNEL]
 
 
 def frame(kind: FrameType, payload: bytes = b"") -> bytes:

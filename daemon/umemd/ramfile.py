@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from umemd.errors import UmemError
-
-PAGE_SIZE = mmap.PAGESIZE
+from umemd.protocol import PAGE_SIZE
 
 
 class RamFile:

@@ -42,6 +42,7 @@ from umemd.planner import PREPAGE, PushPlanner
 from umemd.priority import favour_this_thread
 from umemd.protocol import (
     MAX_RUN_PAGES,
+    PAGE_SIZE,
     Channel,
     Closed,
     Complete,
@@ -53,7 +54,7 @@ from umemd.protocol import (
     Request,
     State,
 )
-from umemd.ramfile import PAGE_SIZE, RamFile
+from umemd.ramfile import RamFile
 from umemd.session import SourceGate, SourcePhase
 from umemd.transport import Dialer, Link
 

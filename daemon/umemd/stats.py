@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from umemd.protocol import PAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
+
+
+def bucket_percentile(counts: Mapping[int, int], fraction: float) -> float:
+    """Of a histogram by bucket upper bound: the bound of the bucket holding that fraction of
+    the samples (0 if there are none)."""
+    count = sum(counts.values())
+    seen = 0
+    for bound in sorted(counts):
+        seen += counts[bound]
+        if count and seen >= fraction * count:
+            return float(bound)
+    return 0.0
+
+
+def bucket_bound(key: str) -> int:
+    """The upper bound in µs of a bucket named as :meth:`LatencyHistogram.as_dict` names it."""
+    return int(key.removeprefix("<").removesuffix("us"))
 
 
 class LatencyHistogram:
@@ -35,13 +61,7 @@ class LatencyHistogram:
     def percentile(self, fraction: float) -> float:
         """Upper bound in µs of the bucket holding that fraction of samples (0 if none)."""
         with self._lock:
-            target = fraction * self.count
-            seen = 0
-            for bucket in sorted(self._buckets):
-                seen += self._buckets[bucket]
-                if seen >= target and self.count:
-                    return float(2 ** (bucket + 1))
-        return 0.0
+            return bucket_percentile({2 ** (b + 1): n for b, n in self._buckets.items()}, fraction)
 
     def as_dict(self) -> dict[str, int]:
         with self._lock:
@@ -92,5 +112,29 @@ class PullStats:
         rate = present / elapsed
         eta = (self.pages - present) / rate if rate else float("inf")
         return (f"{self.name}: {present}/{self.pages} pages ({100 * present / self.pages:5.1f}%), "
-                f"{rate * 4096 / 2**20:6.1f} MiB/s, ETA {eta:5.1f} s, {self.faults} faults, "
+                f"{rate * PAGE_SIZE / 2**20:6.1f} MiB/s, ETA {eta:5.1f} s, {self.faults} faults, "
                 f"latency p50 {self.latency.percentile(0.5):.0f} µs p99 {self.latency.percentile(0.99):.0f} µs")
+
+
+class ProgressLine:
+    """A live progress line: rewritten in place on stderr when ``tty``, else logged at most
+    every ``log_every`` seconds."""
+
+    def __init__(self, tty: bool, width: int = 200, log_every: float = LOG_EVERY) -> None:
+        self.tty = tty
+        self.width = width
+        self.log_every = log_every
+        self._logged = 0.0
+
+    def show(self, line: str) -> None:
+        if self.tty:
+            sys.stderr.write("\r" + line[:self.width] + "\033[K")
+            sys.stderr.flush()
+        elif time.monotonic() - self._logged >= self.log_every:
+            self._logged = time.monotonic()
+            log.info("%s", line)
+
+    def end(self) -> None:
+        """After the last line: the terminal's next output starts on a line of its own."""
+        if self.tty:
+            sys.stderr.write("\n")

@@ -48,15 +48,15 @@ from umemd.errors import (
 from umemd.protocol import (
     HEADER,
     LIVE,
-    MAX_PAYLOAD,
     Authenticated,
     Channel,
     Connection,
     ErrorCode,
     Event,
-    FrameType,
     PeerError,
     Role,
+    hello_channel,
+    hello_length,
 )
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ def _handshake(sock: socket.socket, role: Role, key: bytes, migration_id: bytes,
     hello = b""
     if channel is None:
         hello = _read_hello(sock, deadline)
-        named = hello[HEADER.size + 11]  # the channel byte of the HELLO payload
+        named = hello_channel(hello)
         # An invalid channel still gets a codec, which then refuses that HELLO with the reason.
         channel = Channel(named) if named in {c.value for c in Channel} else Channel.DEMAND
     conn = Connection(role, channel, key, migration_id, frame_macs=not isinstance(sock, ssl.SSLSocket))
@@ -366,10 +366,7 @@ def _read_hello(sock: socket.socket, deadline: Deadline) -> bytes:
     """The first frame of a connecting peer, which must be a HELLO (of any
     protocol version: its length is read from its header)."""
     header = _read_exactly(sock, HEADER.size, deadline)
-    kind, _, _, length = HEADER.unpack(header)
-    if kind != FrameType.HELLO or length > MAX_PAYLOAD[FrameType.HELLO] or length < 12:
-        raise RemoteProtocolError("the peer did not start with a umem HELLO")
-    return header + _read_exactly(sock, length, deadline)
+    return header + _read_exactly(sock, hello_length(header), deadline)
 
 
 class Dialer:

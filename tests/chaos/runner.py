@@ -18,7 +18,7 @@ from tests.harness.topology import HostVm, RemoteVm, Topology
 from tests.harness.umem import booted_source
 from umemd.cli import parse_size
 from umemd.errors import ConnectError
-from umemd.migrate import FINAL_PULL_STATES, first_status
+from umemd.status import FINAL_PULL_STATES, first_status
 
 from .plan import Fault, Kind, Outcome, Plan
 

@@ -6,26 +6,21 @@ multiple of a configured timeout."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 import signal
-import socket
 import time
 
 from tests.harness.net import free_port
 from tests.harness.waiting import wait_until
 from umemd import Control, node_path
 from umemd.protocol import PAGE_SIZE
+from umemd.status import first_status
+from umemd.transport import Endpoint
 
 from .conftest import SOURCE_SIZE, Migration
 from .test_pull import finish, started_but_unfinished
 
 PEER_TIMEOUT = 5.0  # seconds: generous for a loaded TCG guest, keepalives flow every 1.25 s
-
-
-def status_line(port: int) -> dict[str, object]:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        line: dict[str, object] = json.loads(s.makefile().readline())
-        return line
 
 
 def test_a_stopped_page_server_is_noticed_within_the_peer_timeout(migration: Migration) -> None:
@@ -37,7 +32,7 @@ def test_a_stopped_page_server_is_noticed_within_the_peer_timeout(migration: Mig
     stopped.proc.send_signal(signal.SIGSTOP)  # alive to TCP (the kernel still acknowledges), silent to us
     wait_until(lambda: pull.text().count("no word from") >= 2, 3 * PEER_TIMEOUT,
                "the pull to notice on both channels")
-    lost = status_line(status)["source_lost_since"]
+    lost = asyncio.run(first_status(Endpoint("127.0.0.1", status), 30))["source_lost_since"]
     assert isinstance(lost, float) and lost <= time.time(), lost
     stopped.kill()
     migration.serve()

@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.harness.driver import Driver
 from tests.harness.machine import GuestImage, Settings
 from tests.harness.umem import cancelled_then_retried
-from umemd.destination import PullState
+from umemd.status import PullState
 
 from .test_migrate import recovered
 

@@ -45,8 +45,7 @@ from tests.harness.kmod import KMOD
 from tests.harness.machine import GuestImage, Settings, WorkloadLog
 from tests.harness.topology import HostVm, Topology
 from umemd.cli import parse_size
-from umemd.destination import PullState
-from umemd.migrate import first_status, read_status
+from umemd.status import PullState, first_status, read_status
 from umemd.transport import Endpoint
 
 PORTS = {"umem-page": 4447, "umem-status": 4448, "umem-qmp": 4449}

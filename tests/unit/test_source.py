@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import cast
 
 from umemd.errors import ConnectError, MigrationAbortedError
-from umemd.protocol import Channel, Connection, Info, Released, Role
-from umemd.ramfile import PAGE_SIZE, RamFile
+from umemd.protocol import PAGE_SIZE, Channel, Connection, Info, Released, Role
+from umemd.ramfile import RamFile
 from umemd.session import SourceEvent, SourceGate, SourcePhase
 from umemd.source import ZERO_RUN_MIN, PageServer, zero_split
 from umemd.transport import Dialer, Link

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 
 from umemd import cli
-from umemd.migrate import MigrationError, QmpAddress, interval_series, read_status, wait_release
-from umemd.status import MAX_CLIENTS, StatusServer
+from umemd.errors import MigrationError
+from umemd.migrate import QmpAddress, wait_release
+from umemd.report import interval_series
+from umemd.status import MAX_CLIENTS, StatusServer, read_status
 from umemd.transport import Endpoint
 
 
