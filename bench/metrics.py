@@ -21,13 +21,17 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tests.harness.machine import WorkloadLog
-from tests.harness.topology import ClockSample
+from umemd.protocol import PAGE_SIZE
+
+if TYPE_CHECKING:  # annotations only: bench.daemon_bench imports this module in the test VM
+    from tests.harness.machine import WorkloadLog
+    from tests.harness.topology import ClockSample
 
 EARLY_S = 5.0  # "early" requests: faulted within this many seconds of RESUME
 _TRACE = re.compile(r"^\d+@(?P<s>\d+)\.(?P<us>\d{6}):(?P<event>\w+) (?P<rest>.*)$")
@@ -35,7 +39,9 @@ _ADDR = re.compile(r"(?:page req |HVA=)(0x[0-9a-f]+|\(nil\))")
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    """Nearest-rank percentile (q in 0..100); nan if there are no values."""
+    if not values:
+        return math.nan
     ordered = sorted(values)
     rank = max(1, -(-len(ordered) * q // 100))  # ceil(n * q / 100)
     return ordered[int(rank) - 1]
@@ -82,7 +88,7 @@ def daemon_requests(latency_log: str, faults: int, resume_ns: int | None = None,
 
 
 def page_requests(trace: str, resume_ns: int | None = None, early_s: float = EARLY_S,
-                  page_size: int = 4096) -> PageRequests:
+                  page_size: int = PAGE_SIZE) -> PageRequests:
     """Each requested page: from the fault thread's read of its (latest) fault, or
     from its request, to its placement (the matching ``postcopy_page_req_del``).
     Faults on pages already received make no request and are not counted.

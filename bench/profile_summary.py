@@ -1,10 +1,11 @@
 """python -m bench.profile_summary FILE: where a profiled pull spent its time.
 
 Reads py-spy's raw output (``--format raw``: one folded stack per line, a
-sample count at the end), written by ``UMEM_BENCH_PROFILE=1 make bench-e2e``
-into build/bench-e2e/umem-N/pull-1.profile, and prints for each of umemd's
-threads its share of samples by leaf frame: waiting (select, accept, wait),
-syscalls made from Python (recv, send, the fill ioctl) and Python itself.
+sample count at the end), written by ``make bench-e2e-profile`` into
+build/bench-e2e-profile/umem-1/pull-1.profile (and by ``make bench-daemon-profile``
+into build/profile-daemon-*.raw), and prints for each of umemd's threads its share
+of samples by leaf frame: waiting (select, accept, wait), syscalls made from Python
+(recv, send, the fill ioctl) and Python itself.
 """
 
 from __future__ import annotations
@@ -28,18 +29,24 @@ def fold(path: Path) -> dict[str, collections.Counter[str]]:
     return threads
 
 
+def summary(path: Path, top: int = 6) -> str:
+    """For each of umemd's threads, busiest first: its samples and its ``top`` leaf frames."""
+    lines = []
+    for name, leaves in sorted(fold(path).items(), key=lambda kv: -sum(kv[1].values())):
+        if not name.startswith("umemd-"):
+            continue
+        total = sum(leaves.values())
+        lines.append(f"{name}: {total} samples")
+        lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in leaves.most_common(top)]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile_summary", description=__doc__.splitlines()[0])
     p.add_argument("profile", type=Path, help="py-spy raw output")
     p.add_argument("--top", type=int, default=6, help="leaf frames per thread (default 6)")
     args = p.parse_args(argv)
-    for name, leaves in sorted(fold(args.profile).items(), key=lambda kv: -sum(kv[1].values())):
-        if not name.startswith("umemd-"):
-            continue
-        total = sum(leaves.values())
-        print(f"{name}: {total} samples")
-        for frame, n in leaves.most_common(args.top):
-            print(f"  {100 * n / total:5.1f}%  {frame}")
+    print(summary(args.profile, args.top), end="")
     return 0
 
 

@@ -26,6 +26,7 @@ from tests.harness.machine import Settings, guest_image, qemu_binary
 from tests.harness.topology import HostTopology, Topology, VmTopology
 
 from . import report
+from .docblock import update_doc
 from .modes import MODES as UPSTREAM_MODES
 from .modes import Mode
 from .run import run_once
@@ -155,7 +156,7 @@ def main(argv: list[str]) -> int:
     print(f"\nraw results: {args.out if not args.from_json else args.from_json}; table: {md}")
     ok = bool(result["records"]) and all(r.get("ok") for r in result["records"])
     if args.update_doc and ok:
-        report.update_doc(args.update_doc, generated, doc)
+        update_doc(args.update_doc, generated, doc)
         print(f"updated the section {doc.section!r} of {args.update_doc}")
     elif args.update_doc:
         print(f"some runs failed: {args.update_doc} left as it was", file=sys.stderr)

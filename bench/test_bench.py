@@ -13,6 +13,7 @@ from tests.harness.machine import GuestImage, Settings, WorkloadLog
 from tests.harness.topology import ClockSample, HostTopology, complete_lines
 
 from . import report
+from .docblock import update_doc
 from .metrics import event_interval, heartbeat_gaps, page_requests, percentile, summary
 from .modes import MODES
 from .run import run_once
@@ -88,13 +89,13 @@ def test_event_interval_corrects_offset_and_drift() -> None:
 def test_update_doc_replaces_only_the_generated_block(tmp_path: Path) -> None:
     doc = tmp_path / "performance.md"
     doc.write_text("# Performance\n\n## Kernel\n\nkernel text\n")
-    report.update_doc(doc, f"{BLOCK.begin}\nfirst\n{BLOCK.end}", BLOCK)
+    update_doc(doc, f"{BLOCK.begin}\nfirst\n{BLOCK.end}", BLOCK)
     text = doc.read_text()
     assert text.startswith("# Performance\n\n## Kernel\n\nkernel text\n\n" + BLOCK.section)
     # Prose around the block and the sections after it stay.
     doc.write_text(text.replace(BLOCK.begin, "hand-written prose\n\n" + BLOCK.begin)
                    + "\nafter the block\n\n## Another section\n\nother\n")
-    report.update_doc(doc, f"{BLOCK.begin}\nsecond\n{BLOCK.end}", BLOCK)
+    update_doc(doc, f"{BLOCK.begin}\nsecond\n{BLOCK.end}", BLOCK)
     text = doc.read_text()
     assert "first" not in text and "second" in text
     assert "hand-written prose" in text and "after the block" in text and text.endswith("## Another section\n\nother\n")

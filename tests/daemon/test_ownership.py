@@ -9,9 +9,9 @@ import json
 import os
 import stat
 import subprocess
-import sys
 
 from tests.harness.cgroups import memory_cgroups
+from tests.harness.command import umemd_command
 from tests.harness.waiting import wait_until
 from umemd import node_path, read_counters
 from umemd.protocol import PAGE_SIZE
@@ -28,7 +28,7 @@ def test_pull_owner_mode_cgroup_and_stats_beside_it(migration: Migration) -> Non
         st = os.stat(node_path(migration.name))
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4242, kvm, 0o640)
 
-        stats = subprocess.run([sys.executable, "-m", "umemd.cli", "stats", migration.name],
+        stats = subprocess.run(umemd_command("stats", migration.name),
                                capture_output=True, text=True)
         assert stats.returncode == 0, stats.stderr
         assert json.loads(stats.stdout)["present"] == 0

@@ -4,16 +4,18 @@ hang or a guest on empty memory."""
 from __future__ import annotations
 
 import asyncio
+import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from tests.harness import CHECKOUT
+from tests.harness.command import VENV_PYTHON, umemd_command
 from tests.harness.driver import Driver
 from tests.harness.kmod import KMOD
 from tests.harness.machine import qemu_base_args
-from tests.harness.umem import VENV_PYTHON, UmemSide, insmod_on
+from tests.harness.umem import UmemSide, insmod_on
+from umemd.protocol import PAGE_SIZE
 
 
 def run_in_vm(vm: Driver, *argv: str, limit: float = 120) -> tuple[int, str]:
@@ -27,8 +29,8 @@ def test_pull_without_the_module_exits_3_and_says_how_to_load_it(vm: Driver, wor
     key.chmod(0o600)  # umemd refuses a key others can read
     _, out = run_in_vm(vm, "sh", "-c", f"""
         rmmod umem 2>/dev/null
-        {VENV_PYTHON} -m umemd.cli pull vm9 --size 1M --listen 127.0.0.1:4999 --key-file {key} \\
-            --migration-id {"00" * 16}
+        {shlex.join(umemd_command("pull", "vm9", "--size", "1M", "--listen", "127.0.0.1:4999",
+                                  "--key-file", str(key), "--migration-id", "00" * 16, python=VENV_PYTHON))}
         echo "rc=$?"
         insmod {KMOD}""")
     assert "rc=3" in out, out
@@ -77,14 +79,14 @@ def test_a_page_server_with_the_wrong_key_gets_nothing(vm: Driver, workdir: Path
     async def attempt() -> None:
         await insmod_on(vm.topo)
         await side.start_pull()
-        serve = subprocess.Popen([sys.executable, "-m", "umemd.cli", "serve", str(side.ram_file), "--connect",
-                                  f"127.0.0.1:{vm.topo.host_port('umem-page')}", "--key-file", str(wrong),
-                                  "--migration-id", side.migration_id, "--guest-stopped-for-good"],
+        serve = subprocess.Popen(umemd_command("serve", str(side.ram_file), "--connect",
+                                               f"127.0.0.1:{vm.topo.host_port('umem-page')}", "--key-file", str(wrong),
+                                               "--migration-id", side.migration_id, "--guest-stopped-for-good"),
                                  cwd=CHECKOUT, stderr=subprocess.PIPE, text=True)
         try:
             _, err = await asyncio.to_thread(serve.communicate, timeout=300)
             assert serve.returncode == 1, "a serve with the wrong key must give up, not retry for ever:\n" + err
-            assert await side.missing_pages() == (64 << 20) // 4096, "a page arrived from a peer without the key"
+            assert await side.missing_pages() == (64 << 20) // PAGE_SIZE, "a page arrived from a peer without the key"
         finally:
             serve.kill()
             await side.stop()
@@ -101,15 +103,16 @@ def test_a_page_server_of_another_migration_is_refused_and_exits_1(vm: Driver, w
         await insmod_on(vm.topo)
         await side.start_pull()
         stale_id = "ee" * 16
-        serve = subprocess.Popen([sys.executable, "-m", "umemd.cli", "serve", str(side.ram_file), "--connect",
-                                  f"127.0.0.1:{vm.topo.host_port('umem-page')}", "--key-file", str(side.key),
-                                  "--migration-id", stale_id, "--guest-stopped-for-good"],
+        serve = subprocess.Popen(umemd_command("serve", str(side.ram_file), "--connect",
+                                               f"127.0.0.1:{vm.topo.host_port('umem-page')}",
+                                               "--key-file", str(side.key), "--migration-id", stale_id,
+                                               "--guest-stopped-for-good"),
                                  cwd=CHECKOUT, stderr=subprocess.PIPE, text=True)
         try:
             _, err = await asyncio.to_thread(serve.communicate, timeout=300)
             assert serve.returncode == 1, err
             assert f"migration {side.migration_id}" in err and stale_id in err, err
-            assert await side.missing_pages() == (64 << 20) // 4096, "a page arrived from another migration"
+            assert await side.missing_pages() == (64 << 20) // PAGE_SIZE, "a page arrived from another migration"
         finally:
             serve.kill()
             await side.stop()

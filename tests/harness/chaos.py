@@ -94,7 +94,7 @@ class ChaosSide(UmemSide):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.pull_prefix = ("ip", "netns", "exec", NETNS)
+        self.pull_netns = NETNS
 
     @property
     def serve_monitor(self) -> Path:

@@ -1,4 +1,5 @@
-"""The umemd command line, the one way the harness, the tests and the benchmarks start umemd."""
+"""Command lines: umemd's, the one way the harness, the tests and the benchmarks start it, and
+any command in a network namespace."""
 
 from __future__ import annotations
 
@@ -14,4 +15,9 @@ def umemd_command(*args: str, python: Path | str = sys.executable, verbose: bool
                   netns: str | None = None) -> list[str]:
     """``PYTHON -m umemd.cli [-v] ARGS...``, run in the network namespace ``netns`` if given."""
     command = [str(python), "-m", "umemd.cli", *(["-v"] if verbose else []), *args]
-    return ["ip", "netns", "exec", netns, *command] if netns else command
+    return in_netns(netns, command) if netns else command
+
+
+def in_netns(netns: str, command: list[str]) -> list[str]:
+    """``command`` run in the network namespace ``netns``."""
+    return ["ip", "netns", "exec", netns, *command]

@@ -148,6 +148,8 @@ class WorkloadLog:
 class Vm:
     """One QEMU process: QMP on a Unix socket, serial console to ``<name>.serial``."""
 
+    serial_poll = 0.2  # seconds between two looks at the serial log
+
     def __init__(self, workdir: Path, name: str, args: list[str]) -> None:
         self.name = name
         self.qmp_path = workdir / f"{name}.qmp"
@@ -206,6 +208,10 @@ class Vm:
     def workload(self) -> WorkloadLog:
         return WorkloadLog.parse(self.serial())
 
+    async def exit_status(self) -> int | None:
+        """QEMU's exit status; None while it runs."""
+        return None if self.proc is None else self.proc.poll()
+
     async def wait_serial(self, predicate: Any, timeout: float, what: str) -> WorkloadLog:
         """Poll the serial log until ``predicate(WorkloadLog)`` holds."""
         deadline = time.monotonic() + timeout
@@ -213,12 +219,13 @@ class Vm:
             log = self.workload()
             if predicate(log):
                 return log
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited while waiting for {what}: {self.stderr()}")
+            rc = await self.exit_status()
+            if rc is not None:
+                raise AssertionError(f"{self.name} exited ({rc}) while waiting for {what}: {self.stderr()}")
             if time.monotonic() > deadline:
                 tail = "\n".join(self.serial().splitlines()[-15:])
                 raise AssertionError(f"{self.name}: no {what} within {timeout} s; serial tail:\n{tail}")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(self.serial_poll)
 
     async def wait_migration(self, states: set[str], timeout: float) -> dict[str, Any]:
         """Poll query-migrate until its status is in ``states``; fail on 'failed'."""

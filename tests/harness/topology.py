@@ -50,7 +50,7 @@ from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.message import Message
 
 from tests.harness import CHECKOUT
-from tests.harness.machine import Vm, WorkloadLog, qemu_base_args
+from tests.harness.machine import Vm, qemu_base_args
 from tests.harness.net import free_port
 
 READ_CHUNK = 4 << 20    # bytes per agent read (base64 on one line)
@@ -384,6 +384,8 @@ class RemoteVm(Vm):
     ``wait_migration``, ``events``), so a run does not care where it is.
     """
 
+    serial_poll = 0.5  # its serial log is a copy, over the forwarded console port
+
     def __init__(self, topo: Topology, name: str, args: list[str], workdir: Path,
                  trace_log: str | None = None) -> None:
         # Not Vm.__init__: nothing of it applies except the QMP client.
@@ -412,7 +414,7 @@ class RemoteVm(Vm):
         deadline = time.monotonic() + 120
         last: BaseException | None = None
         while True:
-            rc = (await self.topo.agent.request("poll", name=self.name))["returncode"]
+            rc = await self.exit_status()
             if rc is not None:
                 await self.fetch_stderr()
                 raise RuntimeError(f"{self.name}: QEMU exited with {rc}: {self.stderr()}")
@@ -454,17 +456,7 @@ class RemoteVm(Vm):
     def serial(self) -> str:
         return complete_lines(super().serial())
 
-    async def wait_serial(self, predicate: Any, timeout: float, what: str) -> WorkloadLog:
-        """Poll the copied serial log until ``predicate(WorkloadLog)`` holds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            log = self.workload()
-            if predicate(log):
-                return log
-            rc = (await self.topo.agent.request("poll", name=self.name))["returncode"]
-            if rc is not None:
-                raise AssertionError(f"{self.name} exited ({rc}) while waiting for {what}")
-            if time.monotonic() > deadline:
-                tail = "\n".join(self.serial().splitlines()[-15:])
-                raise AssertionError(f"{self.name}: no {what} within {timeout} s; serial tail:\n{tail}")
-            await asyncio.sleep(0.5)
+    async def exit_status(self) -> int | None:
+        """The destination QEMU's exit status, as the agent sees it; None while it runs."""
+        rc = (await self.topo.agent.request("poll", name=self.name))["returncode"]
+        return None if rc is None else int(rc)

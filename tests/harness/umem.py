@@ -45,10 +45,12 @@ from tests.harness.kmod import KMOD
 from tests.harness.machine import GuestImage, Settings, WorkloadLog
 from tests.harness.topology import HostVm, Topology
 from umemd.cli import parse_size
+from umemd.protocol import PAGE_SIZE
 from umemd.status import PullState, first_status, read_status
 from umemd.transport import Endpoint
 
 PORTS = {"umem-page": 4447, "umem-status": 4448, "umem-qmp": 4449}
+OUTPUT_CHUNK = 1 << 12  # bytes of umemd migrate's output read (and echoed) at once
 PROFILE = os.environ.get("UMEM_BENCH_PROFILE") == "1"  # run pull under py-spy (make bench-e2e-profile)
 
 
@@ -74,7 +76,7 @@ class UmemSide:
     pulls: int = 0
     serves: int = 0
     daemon_args: tuple[str, ...] = ()  # for both daemons (e.g. --peer-timeout)
-    pull_prefix: tuple[str, ...] = ()  # the pull's argv starts with this (e.g. ip netns exec NS)
+    pull_netns: str | None = None      # the network namespace the pull runs in
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -150,8 +152,7 @@ class UmemSide:
                           "--migration-id", self.migration_id,
                           "--status", f"{bind}:{self.topo.guest_port('umem-status')}",
                           "--report", self.pull_report_path, *self.daemon_args, *extra,
-                             python=VENV_PYTHON, verbose=True)
-        argv = [*self.pull_prefix, *argv]
+                             python=VENV_PYTHON, verbose=True, netns=self.pull_netns)
         if PROFILE:  # where the pull's time goes: py-spy's folded stacks, every thread, idle included
             argv = [str(VENV_PYTHON.parent / "py-spy"), "record", "--format", "raw", "--idle", "--threads",
                     "--rate", "250", "--output", str(self.workdir / f"pull-{self.pulls}.profile"), "--", *argv]
@@ -216,7 +217,7 @@ class UmemSide:
             raise RuntimeError(f"umemd list failed: {reply['output']}")
         for instance in json.loads(reply["output"]):
             if instance["name"] == self.name:
-                return int(instance["size"]) // 4096 - int(instance["present"])
+                return int(instance["size"]) // PAGE_SIZE - int(instance["present"])
         raise RuntimeError(f"instance {self.name} is gone: {reply['output']}")
 
     async def wait_pull(self, timeout: float = 60) -> int:
@@ -390,7 +391,7 @@ async def _run_migrate(argv: list[str], log_path: Path, echo: bool, side: UmemSi
     injected = asyncio.create_task(inject(side)) if inject else None
     chunks = []
     with log_path.open("wb") as log:
-        while data := await proc.stdout.read(4096):
+        while data := await proc.stdout.read(OUTPUT_CHUNK):
             chunks.append(data)
             log.write(data)
             log.flush()

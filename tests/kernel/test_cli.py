@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 
+from tests.harness.command import umemd_command
 from umemd import Server, node_path
 
 
 def umemd(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "umemd.cli", *args], capture_output=True, text=True)
+    return subprocess.run(umemd_command(*args), capture_output=True, text=True)
 
 
 def test_list_stats_destroy(make_instance: Callable[..., Server]) -> None:

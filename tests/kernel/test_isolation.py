@@ -16,7 +16,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.cgroups import Cgroup
+from tests.harness.command import umemd_command
 from tests.harness.mapping import Mapping, aligned_mapping, libc, page_pattern
 from tests.harness.waiting import wait_until
 from umemd import Control, NodeOwner, Server, node_path, read_counters
@@ -209,7 +209,7 @@ def test_queued_fault_records_are_charged_to_the_mappers_cgroup(
 def test_counters_are_readable_while_a_server_is_attached(make_instance: Callable[..., Server]) -> None:
     server = make_instance(size=2 << 20)
     server.zero(0, 3 * PAGE)
-    result = subprocess.run([sys.executable, "-m", "umemd.cli", "stats", server.name], capture_output=True, text=True)
+    result = subprocess.run(umemd_command("stats", server.name), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == asdict(server.stats())
     assert read_counters(server.name) == server.stats()

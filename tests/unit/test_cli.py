@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.harness.command import umemd_command
 from umemd import cli
+from umemd.protocol import PAGE_SIZE
 
 
 def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -71,7 +72,7 @@ def test_serve_with_its_qmp_unreachable_serves_nothing_and_exits_1(tmp_path: Pat
     """Fail closed: a mistyped --qmp must not release the pages (it did: "it is gone, so its RAM
     file is final")."""
     ram = tmp_path / "ram"
-    ram.write_bytes(b"\x01" * 4096 * 4)
+    ram.write_bytes(b"\x01" * PAGE_SIZE * 4)
     key = tmp_path / "key"
     key.write_text("ab" * 32 + "\n")
     key.chmod(0o600)  # umemd refuses a key others can read
@@ -79,10 +80,10 @@ def test_serve_with_its_qmp_unreachable_serves_nothing_and_exits_1(tmp_path: Pat
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        serve = subprocess.run([sys.executable, "-m", "umemd.cli", "serve", str(ram), "--connect",
-                                f"127.0.0.1:{port}", "--key-file", str(key), "--migration-id", "00" * 16,
-                                "--qmp", str(tmp_path / "no-such.qmp")], capture_output=True, text=True,
-                               timeout=120)
+        serve = subprocess.run(umemd_command("serve", str(ram), "--connect", f"127.0.0.1:{port}",
+                                             "--key-file", str(key), "--migration-id", "00" * 16,
+                                             "--qmp", str(tmp_path / "no-such.qmp")),
+                               capture_output=True, text=True, timeout=120)
     assert serve.returncode == cli.EXIT_FAILED, serve.stderr
     assert "migration was aborted" in serve.stderr and "no-such.qmp" in serve.stderr, serve.stderr
 
@@ -107,7 +108,7 @@ SERVE = ["serve", "RAM", "--connect", "127.0.0.1:9", "--migration-id", "00" * 16
 @pytest.fixture(autouse=True)
 def ram_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A one-page RAM file named RAM in the working directory, for the serve commands below."""
-    (tmp_path / "RAM").write_bytes(bytes(4096))
+    (tmp_path / "RAM").write_bytes(bytes(PAGE_SIZE))
     monkeypatch.chdir(tmp_path)
 
 
