@@ -122,10 +122,18 @@ $(BUILD)/fault_flood: tests/kernel/fault_flood.c | apt
 # The helper binaries the kernel suite runs, on whichever kernel it runs.
 KERNEL_SUITE_BINS := $(BUILD)/kvm_guest $(BUILD)/fault_flood
 
+# The kernel suite runs on the module built with its park points (kernel/testhooks.c,
+# UMEM_TEST_HOOKS=1: dormant until a test arms one); every other lane loads kernel/umem.ko.
+KMOD_HOOKS := $(BUILD)/kmod-hooks/umem.ko
+
+$(KMOD_HOOKS): $(KERNEL_SOURCES) | apt
+	tests/kbuild/kmod-tree.sh / $(BUILD)/kmod-hooks UMEM_TEST_HOOKS=1
+
 # The kernel suite, inside a VM booting Debian's own kernel.
-test-kernel: abi kmod $(KERNEL_SUITE_BINS)
+test-kernel: abi kmod $(KMOD_HOOKS) $(KERNEL_SUITE_BINS)
 	$(PY) -m compileall -q daemon tests
-	$(VM) $(VM_KERNEL_ARGS) -- $(PY) -m pytest tests/kernel $(PYTEST_ARGS)
+	$(VM) --console-log $(BUILD)/vm-kernel-console.log --udev --env UMEM_KMOD=$(CURDIR)/$(KMOD_HOOKS) \
+		--env UMEM_IN_VM=1 -- $(PY) -m pytest tests/kernel $(PYTEST_ARGS)
 
 $(BUILD)/fault_bench: bench/fault_bench.c kernel/include/uapi/linux/umem.h | apt
 	@mkdir -p $(BUILD)
@@ -229,7 +237,7 @@ debug-kernel: apt kbuild-apt
 	@echo "debug kernel: $$(cat $(BUILD)/debug-kernel.root)"
 
 test-kernel-debug: abi debug-kernel $(KERNEL_SUITE_BINS)
-	tests/kbuild/kmod-tree.sh $(DEBUG_ROOT) $(BUILD)/kmod-debug
+	tests/kbuild/kmod-tree.sh $(DEBUG_ROOT) $(BUILD)/kmod-debug UMEM_TEST_HOOKS=1
 	$(PY) -m compileall -q daemon tests
 	$(call suite-in-vm,$(DEBUG_ROOT),$(BUILD)/kmod-debug/umem.ko,$(BUILD)/vm-kernel-debug-console.log)
 
@@ -240,7 +248,7 @@ CANARY_KO := $(BUILD)/kmod-debug-canary/umem.ko
 CANARY_LOG := $(BUILD)/vm-kernel-debug-canary-console.log
 CANARY_LEAK_OUT := $(BUILD)/kernel-debug-canary-leak.out
 test-kernel-debug-canary: abi debug-kernel $(KERNEL_SUITE_BINS)
-	tests/kbuild/kmod-tree.sh $(DEBUG_ROOT) $(BUILD)/kmod-debug-canary UMEM_CANARY=1
+	tests/kbuild/kmod-tree.sh $(DEBUG_ROOT) $(BUILD)/kmod-debug-canary UMEM_CANARY=1 UMEM_TEST_HOOKS=1
 	$(PY) -m compileall -q daemon tests
 	@set -o pipefail; if $(call suite-in-vm,$(DEBUG_ROOT),$(CANARY_KO),$(BUILD)/vm-kernel-debug-canary-leak-console.log,\
 		--env UMEM_CANARY_MODE=leak --env UMEM_SUITE=tests/kernel/test_lifecycle.py) | tee $(CANARY_LEAK_OUT); then \
@@ -264,8 +272,9 @@ chroots: kbuild-apt
 kmod-newer: chroots
 	@mkdir -p $(BUILD)
 	tests/kbuild/kmod-chroot.sh $(CHROOTS)/trixie $(TRIXIE_KERNEL) $(BUILD)/kmod-trixie.log
+	tests/kbuild/kmod-chroot.sh $(CHROOTS)/$(NEWEST_SUITE) $(NEWEST_KERNEL) $(BUILD)/kmod-$(NEWEST_SUITE).log
 	tests/kbuild/kmod-chroot.sh $(CHROOTS)/$(NEWEST_SUITE) $(NEWEST_KERNEL) \
-		$(BUILD)/kmod-$(NEWEST_SUITE).log $(BUILD)/kmod-newest
+		$(BUILD)/kmod-$(NEWEST_SUITE)-hooks.log $(BUILD)/kmod-newest UMEM_TEST_HOOKS=1
 
 test-kernel-newest: abi kmod-newer $(KERNEL_SUITE_BINS)
 	tests/kbuild/debian-kernel.sh $(CHROOTS)/$(NEWEST_SUITE) $(NEWEST_KERNEL) $(NEWEST_ROOT)

@@ -24,6 +24,7 @@
 #include <linux/shmem_fs.h>
 #include <linux/slab.h>
 
+#include "testhooks.h"
 #include "umem.h"
 
 /* Private tmpfs with huge=never: a huge page would map 511 missing pages. */
@@ -150,6 +151,7 @@ static void umem_instance_free(struct kref *kref)
 	kfree(inst);
 	if (pin)
 		fput(pin);	/* deferred: the module goes only after we return */
+	umem_test_park(UMEM_PARK_FREED);
 }
 
 void umem_put(struct umem_instance *inst)
@@ -384,6 +386,7 @@ static vm_fault_t umem_fault_missing(struct umem_instance *inst,
 	umem_get(inst);
 	umem_release_fault_lock(vmf);
 	umem_wait_page(inst, pgoff, generation, umem_fault_interruptible(vmf));
+	umem_test_park(UMEM_PARK_FAULT_WOKEN);
 	umem_put(inst);
 	return VM_FAULT_RETRY;
 }

@@ -16,6 +16,7 @@
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 
+#include "testhooks.h"
 #include "umem.h"
 
 /* Fault records copied out per read() pass (on the stack: 512 bytes). */
@@ -460,6 +461,7 @@ static int umem_server_release(struct inode *inode, struct file *file)
 	mutex_lock(&inst->lock);
 	umem_reset_requests(inst);
 	inst->served = false;
+	umem_test_park(UMEM_PARK_SERVER_RELEASE);
 	mutex_unlock(&inst->lock);
 	umem_put(inst);
 	return 0;

@@ -1,13 +1,15 @@
 #!/bin/bash
-# tests/kbuild/kmod-chroot.sh CHROOT RELEASE LOG [OUT]: build kernel/ with W=1
+# tests/kbuild/kmod-chroot.sh CHROOT RELEASE LOG [OUT [VAR=VALUE...]]: build kernel/ with W=1
 # inside CHROOT (tests/kbuild/chroot.sh made it) against the headers of kernel
 # RELEASE there (linux-headers-RELEASE),
 # with that release's compiler; fail on any compiler warning, as
 # `setup.py build_kmod --strict` does for the host's kernel.  The sources are
 # copied into CHROOT/build/umem: nothing in the checkout is written; with
-# OUT, the module is copied to OUT/umem.ko (for the VM to load).
+# OUT, the module is copied to OUT/umem.ko (for the VM to load).  Extra make
+# variables are passed on (UMEM_TEST_HOOKS=1).
 set -euo pipefail
 root=$1 release=$2 log=$3 out=${4:-}
+shift $(($# < 4 ? $# : 4))
 checkout=$(cd "$(dirname "$0")/../.." && pwd)
 [ -d "$root/lib/modules/$release/build" ] || { echo "no kernel headers in $root" >&2; exit 1; }
 rm -rf "$root/build/umem"
@@ -16,7 +18,7 @@ mkdir -p "$root/build/umem"
 	(cd kernel && xargs cp --parents -t "$root/build/umem"))
 set +e
 # objtool reads /proc: a private one, gone with the build's namespace.
-unshare --mount --pid --fork --mount-proc="$root/proc" chroot "$root" make -C "/lib/modules/$release/build" M=/build/umem W=1 -k modules >"$log" 2>&1
+unshare --mount --pid --fork --mount-proc="$root/proc" chroot "$root" make -C "/lib/modules/$release/build" M=/build/umem W=1 "$@" -k modules >"$log" 2>&1
 rc=$?
 set -e
 gcc=$(chroot "$root" gcc -dumpfullversion)
