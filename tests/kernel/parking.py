@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .waiting import wait_until
+from tests.harness.waiting import wait_until
 
 PARK = Path("/sys/module/umem/parameters/park")
 

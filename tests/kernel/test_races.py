@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.kmod import load_module
+from tests.harness.mapping import Mapping, libc, page_pattern
+from tests.harness.waiting import wait_until
 from umemd import Control, Fault, Server, node_path
+from umemd.protocol import PAGE_SIZE as PAGE
 
-from .conftest import load_module
-from .mapping import PAGE, Mapping, libc, page_pattern
 from .parking import Park, parking
 from .test_faults import waiters
-from .waiting import wait_until
 
 MAP_FIXED = 0x10
 
