@@ -26,7 +26,7 @@ VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev --env UMEM
 
 -include qemu-patches/qemu.mk
 
-.PHONY: help setup apt venv abi kmod check lint unit kmod-strict dkms-check test test-kernel \
+.PHONY: help setup apt venv abi kmod check lint layout unit kmod-strict dkms-check test test-kernel \
 	kbuild-apt debug-kernel test-kernel-debug test-kernel-debug-canary chroots kmod-newer \
 	test-kernel-newest \
 	bench-kernel bench-kernel-profile bench-daemon bench-daemon-profile demo demo-banner \
@@ -35,7 +35,7 @@ VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev --env UMEM
 help:
 	@echo "make demo         a real post-copy migration of a small guest, with a report"
 	@echo "make test         the whole suite: host checks, kernel suite in a VM, QEMU, end to end, debug/newer kernels"
-	@echo "make check        fast host-only lane: lint, types, unit tests, module built with W=1"
+	@echo "make check        fast host-only lane: lint, types, the layout rules, unit tests, module built with W=1"
 	@echo "make test-kernel  the kernel suite alone, inside a VM booting Debian's kernel"
 	@echo "make test-daemon  umemd serve/pull on the real device, inside the VM"
 	@echo "make test-e2e     real guests migrated into the VM with umem: normal, recovery, misuse"
@@ -97,7 +97,11 @@ lint: abi
 	$(VENV)/bin/mypy
 
 unit: abi
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/unit tests/layout -q
+
+# The import rule and one definition of each shared helper (docs/architecture.md#the-import-rule).
+layout: venv
+	$(PY) -m tests.layout
 
 # dkms add/build of kernel/ against the installed headers, in a private tree.
 dkms-check: apt
@@ -108,8 +112,8 @@ dkms-check: apt
 		build umem/0.1.0 -k $(notdir $(patsubst %/build,%,$(KDIR))) >/dev/null
 	@echo "dkms add/build of kernel/ against $(KDIR): ok"
 
-check: lint unit kmod-strict dkms-check
-	@echo "make check: lint, types, unit tests and the W=1 module build passed"
+check: lint layout unit kmod-strict dkms-check
+	@echo "make check: lint, types, the layout rules, unit tests and the W=1 module build passed"
 
 $(BUILD)/kvm_guest: tests/kernel/kvm_guest.c | apt
 	@mkdir -p $(BUILD)

@@ -47,9 +47,9 @@ from tests.harness.net import veth_namespace
 from tests.harness.waiting import wait_until
 from umemd.protocol import PAGE_SIZE
 
-from . import profile_summary
 from .docblock import DocBlock, update_doc
 from .metrics import percentile
+from .profile_summary import summarize_profile
 
 LOGS = CHECKOUT / "build" / "bench-daemon-logs"
 MIB = 1 << 20
@@ -436,7 +436,7 @@ def profile_main(args: argparse.Namespace) -> int:
     Bench(source, key, profile="faults").guest_run("profile-faults", [], "random", args.threads, args.touches, seed=7,
                                                    complete=True)
     for raw in sorted((CHECKOUT / "build").glob("profile-daemon-*.raw")):
-        text = profile_summary.summary(raw)
+        text = summarize_profile(raw)
         raw.with_suffix(".txt").write_text(text)
         print(text)
     return 0

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 
-def fold(path: Path) -> dict[str, collections.Counter[str]]:
+def fold_stacks(path: Path) -> dict[str, collections.Counter[str]]:
     """Per thread name, samples by leaf frame (function and file:line)."""
     threads: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for line in path.read_text().splitlines():
@@ -29,10 +29,10 @@ def fold(path: Path) -> dict[str, collections.Counter[str]]:
     return threads
 
 
-def summary(path: Path, top: int = 6) -> str:
+def summarize_profile(path: Path, top: int = 6) -> str:
     """For each of umemd's threads, busiest first: its samples and its ``top`` leaf frames."""
     lines = []
-    for name, leaves in sorted(fold(path).items(), key=lambda kv: -sum(kv[1].values())):
+    for name, leaves in sorted(fold_stacks(path).items(), key=lambda kv: -sum(kv[1].values())):
         if not name.startswith("umemd-"):
             continue
         total = sum(leaves.values())
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("profile", type=Path, help="py-spy raw output")
     p.add_argument("--top", type=int, default=6, help="leaf frames per thread (default 6)")
     args = p.parse_args(argv)
-    print(summary(args.profile, args.top), end="")
+    print(summarize_profile(args.profile, args.top), end="")
     return 0
 
 
