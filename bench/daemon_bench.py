@@ -373,14 +373,19 @@ def render(context: str, data: dict[str, Any]) -> str:
             + "\n\n" + tables(data, runs))
 
 
+def workspace(work: Path) -> tuple[Path, Path]:
+    """The paths of the source file and a new key in ``work`` (the key written)."""
+    work.mkdir(parents=True, exist_ok=True)
+    key = work / "key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    key.chmod(0o600)  # umemd refuses a key others can read
+    return work / "guest-ram", key
+
+
 def bench_main(args: argparse.Namespace) -> int:
     from umemd import node_path  # noqa: F401 (fail early if the package is missing)
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    source, key = work / "guest-ram", work / "key"
-    key.write_text(os.urandom(32).hex() + "\n")
-    key.chmod(0o600)  # umemd refuses a key others can read
+    source, key = workspace(Path(args.workdir))
     began = time.time()
     t0 = time.monotonic()
     make_source(source, args.size_mib * MIB)
@@ -425,11 +430,7 @@ def bench_main(args: argparse.Namespace) -> int:
 
 def profile_main(args: argparse.Namespace) -> int:
     """py-spy profiles of both daemons: a loopback push, and faults with the push running."""
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    source, key = work / "guest-ram", work / "key"
-    key.write_text(os.urandom(32).hex() + "\n")
-    key.chmod(0o600)  # umemd refuses a key others can read
+    source, key = workspace(Path(args.workdir))
     make_source(source, args.size_mib * MIB)
     push = Bench(source, key, profile="push").push(netns=False)
     print(f"push under py-spy: {push['mib_per_s']:.0f} MiB/s", flush=True)

@@ -179,16 +179,20 @@ class Vm:
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.qmp.execute("quit"), 5)
-        with contextlib.suppress(Exception):
-            await self.qmp.disconnect()
+        await self.quit(5)
         if self.proc is not None:
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.send_signal(signal.SIGKILL)
                 self.proc.wait()
+
+    async def quit(self, timeout: float) -> None:
+        """``quit`` QEMU over QMP (within ``timeout`` seconds) and disconnect, whatever fails."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.qmp.execute("quit"), timeout)
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
 
     async def cmd(self, command: str, **args: Any) -> Any:
         return await self.qmp.execute(command, args or None)

@@ -431,10 +431,7 @@ class RemoteVm(Vm):
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.qmp.execute("quit"), 10)
-        with contextlib.suppress(Exception):
-            await self.qmp.disconnect()
+        await self.quit(10)
         with contextlib.suppress(Exception):
             await self.topo.agent.request("stop", 40, name=self.name, grace=20)
         await self.tap.stop()
