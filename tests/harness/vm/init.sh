@@ -1,7 +1,7 @@
 #!/bin/sh
-# PID 1 of the umem test VM, run by busybox sh.  tests/harness/vm/initramfs.py puts it
+# PID 1 of the umem test VM, run by busybox sh.  tests/vm/initramfs.py puts it
 # in the initramfs as /init; per-run settings come from /etc/umem-vm/run.conf,
-# appended by tests/harness/vm/qemu.py as a second archive:
+# appended by tests/vm/qemu.py as a second archive:
 #   UMEM_VM_CHECKOUT, UMEM_VM_CHECKOUT_CACHE, UMEM_VM_NET, UMEM_VM_UDEV,
 #   UMEM_VM_STTY, UMEM_VM_MODULES, UMEM_VM_RELEASE (--kernel-root), and
 #   "$@" = env(1) arguments: NAME=VALUE... COMMAND ARG...
