@@ -99,7 +99,7 @@ lint: abi
 unit: abi
 	$(PY) -m pytest tests/unit tests/layout -q
 
-# The import rule and one definition of each shared helper (docs/architecture.md#the-import-rule).
+# The import rule and one definition of each shared helper (docs/architecture.md#the-layout-and-the-import-rule).
 layout: venv
 	$(PY) -m tests.layout
 

@@ -8,13 +8,15 @@ from tests.harness import CHECKOUT
 
 from . import definitions, imports
 
+RULES = "docs/architecture.md#the-layout-and-the-import-rule"
+
 
 def main() -> int:
     problems = imports.check(CHECKOUT) + definitions.check(CHECKOUT)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
-        print(f"layout: {len(problems)} problems (the rules: docs/architecture.md#the-import-rule)", file=sys.stderr)
+        print(f"layout: {len(problems)} problems (the rules: {RULES})", file=sys.stderr)
         return 1
     print("layout: the import rule holds and each helper has one definition")
     return 0
