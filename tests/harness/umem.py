@@ -148,10 +148,10 @@ class UmemSide:
         bind = self.topo.bind
         extra = ["--latency-log", self.latency_log_path] if latency_log else []
         argv = umemd_command("pull", self.name, "--size", str(self.ram_bytes),
-                          "--listen", f"{bind}:{self.topo.guest_port('umem-page')}", "--key-file", str(self.key),
-                          "--migration-id", self.migration_id,
-                          "--status", f"{bind}:{self.topo.guest_port('umem-status')}",
-                          "--report", self.pull_report_path, *self.daemon_args, *extra,
+                             "--listen", f"{bind}:{self.topo.guest_port('umem-page')}", "--key-file", str(self.key),
+                             "--migration-id", self.migration_id,
+                             "--status", f"{bind}:{self.topo.guest_port('umem-status')}",
+                             "--report", self.pull_report_path, *self.daemon_args, *extra,
                              python=VENV_PYTHON, verbose=True, netns=self.pull_netns)
         if PROFILE:  # where the pull's time goes: py-spy's folded stacks, every thread, idle included
             argv = [str(VENV_PYTHON.parent / "py-spy"), "record", "--format", "raw", "--idle", "--threads",
