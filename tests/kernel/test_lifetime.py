@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import CHECKOUT
 from tests.harness.kmod import load_module
 from tests.harness.mapping import Mapping, page_pattern
 from tests.harness.waiting import wait_until
@@ -29,8 +30,9 @@ from .test_faults import waiters
 # line and prints each page's first 32 bytes.
 TOUCHER = """
 import sys
-sys.path.insert(0, {tests!r})
-from kernel.mapping import Mapping, PAGE
+sys.path.insert(0, {checkout!r})
+from tests.harness.mapping import Mapping
+from umemd.protocol import PAGE_SIZE as PAGE
 m = Mapping({path!r}, {size})
 print("mapped", flush=True)
 for line in sys.stdin:
@@ -40,8 +42,7 @@ for line in sys.stdin:
 
 
 def start_toucher(server: Server) -> subprocess.Popen[str]:
-    tests = str(Path(__file__).resolve().parents[1])
-    script = TOUCHER.format(tests=tests, path=str(node_path(server.name)), size=server.size)
+    script = TOUCHER.format(checkout=str(CHECKOUT), path=str(node_path(server.name)), size=server.size)
     proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline() == "mapped\n"
     return proc
@@ -131,8 +132,8 @@ def test_destroy_with_pages_missing_raises_sigbus(control: Control, make_instanc
 # with only shared anonymous memory (the shmem of the instance) in the dump.
 DUMPER = """
 import os, resource, sys
-sys.path.insert(0, {tests!r})
-from kernel.mapping import Mapping
+sys.path.insert(0, {checkout!r})
+from tests.harness.mapping import Mapping
 resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 with open("/proc/self/coredump_filter", "w") as f:
     f.write("0x2")
@@ -159,8 +160,7 @@ def test_a_core_dump_does_not_fetch_missing_pages(make_instance: Callable[..., S
     core (SIGBUS to the dumper's fault), never a request to the server."""
     server = make_instance(size=1 << 20)
     server.fill([(0, page_pattern(0))])
-    tests = str(Path(__file__).resolve().parents[1])
-    script = DUMPER.format(tests=tests, path=str(node_path(server.name)), size=server.size)
+    script = DUMPER.format(checkout=str(CHECKOUT), path=str(node_path(server.name)), size=server.size)
     proc = subprocess.Popen([sys.executable, "-c", script])
     try:
         wait_until(lambda: proc.poll() is not None or server.stats().requested > 0, timeout=60,
