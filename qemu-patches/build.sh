@@ -80,7 +80,7 @@ case "${1:-}" in
     --key) MODE=key ;;
     --patches) echo "$PATCHES"; exit 0 ;;
     --tree) MODE=tree; TREE=${2:?--tree needs a directory} ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
 esac
 
@@ -282,7 +282,7 @@ mkdir -p "$SRC/build"
 (cd "$SRC/build" && ../configure --python=/usr/bin/python3 \
     "${CONFIGURE_FLAGS[@]}" >"$WORK/configure.log" 2>&1) \
     || { tail -n 30 "$WORK/configure.log" >&2; die "configure failed (log: $WORK/configure.log)"; }
-say "ninja -j$JOBS qemu-system-x86_64 (about 4-5 minutes on 2 cores)"
+say "ninja -j$JOBS qemu-system-x86_64 (4-5 minutes on 2 idle cores, about 9 under load)"
 BUILD_START=$(date +%s)
 if ! ninja -C "$SRC/build" -j"$JOBS" qemu-system-x86_64 >"$WORK/ninja.log" 2>&1; then
     grep -E -B2 -A8 'FAILED|error:' "$WORK/ninja.log" | tail -n 40 >&2 || true
