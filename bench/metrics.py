@@ -11,7 +11,12 @@
   fault from userfaultfd, ``postcopy_page_req_add`` when it queues the request
   of a missing page to the source, ``postcopy_page_req_del`` when that page is
   placed (``UFFDIO_COPY`` done, the faulting thread can go on); each prints
-  the page's host address and a microsecond timestamp of one clock.
+  the page's host address and a microsecond timestamp of one clock
+  (``CLOCK_REALTIME``). 10.0's log backend prefixes ``TID@SECONDS.USEC:``;
+  from 10.1 on the prefix is ``-msg timestamp=on``'s own, ISO 8601 in UTC
+  (``2026-12-01T14:34:56.262322Z``, the fraction left out when it is 0).
+  Both are parsed. QEMU 10.1 and later also report latency over QMP
+  (``postcopy-latency`` and friends, with ``postcopy-blocktime``).
 - :func:`heartbeat_gaps`: the guest's stall as the guest itself saw it.
 - :func:`event_interval`: STOP (source) -> RESUME (destination) across two
   clocks.
@@ -20,10 +25,12 @@
 
 from __future__ import annotations
 
+import calendar
 import itertools
 import math
 import re
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +41,18 @@ if TYPE_CHECKING:  # annotations only: bench.daemon_bench imports this module in
     from tests.harness.topology import ClockSample
 
 EARLY_S = 5.0  # "early" requests: faulted within this many seconds of RESUME
-_TRACE = re.compile(r"^\d+@(?P<s>\d+)\.(?P<us>\d{6}):(?P<event>\w+) (?P<rest>.*)$")
+_TRACE = re.compile(r"^(?:\d+@(?P<s>\d+)\.(?P<us>\d{6}):"                         # 10.0
+                    r"|(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(?P<frac>\d{1,6}))?Z )"  # 10.1+
+                    r"(?P<event>\w+) (?P<rest>.*)$")
 _ADDR = re.compile(r"(?:page req |HVA=)(0x[0-9a-f]+|\(nil\))")
+
+
+def _trace_time_us(m: re.Match[str]) -> int:
+    """A trace line's timestamp in µs since the epoch, from either prefix."""
+    if m["iso"] is None:
+        return int(m["s"]) * 1_000_000 + int(m["us"])
+    seconds = calendar.timegm(time.strptime(m["iso"], "%Y-%m-%dT%H:%M:%S"))
+    return seconds * 1_000_000 + int((m["frac"] or "0").ljust(6, "0"))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -108,7 +125,7 @@ def page_requests(trace: str, resume_ns: int | None = None, early_s: float = EAR
         a = _ADDR.search(m["rest"]) if m else None
         if not m or not a:
             continue
-        t_us = int(m["s"]) * 1_000_000 + int(m["us"])
+        t_us = _trace_time_us(m)
         page = (0 if a[1] == "(nil)" else int(a[1], 16)) & ~(page_size - 1)
         event = m["event"]
         if event == "postcopy_ram_fault_thread_request":

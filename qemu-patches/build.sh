@@ -1,9 +1,10 @@
 #!/bin/bash
-# Build the patched QEMU (qemu-system-x86_64 only) from Debian trixie's
-# source package, cached under /var/cache/umem/qemu/<key>.
+# Build the patched QEMU (qemu-system-x86_64 only) from a Debian source
+# package, cached under /var/cache/umem/qemu/<key>.
 #
 # usage: qemu-patches/build.sh            build (or reuse) and print the binary
 #        qemu-patches/build.sh --key      print the cache key and exit
+#        qemu-patches/build.sh --patches  print the series' directory and exit
 #        qemu-patches/build.sh --tree DIR prepare a git tree (upstream source
 #                                         as one commit, then the series
 #                                         applied with git am) for rebasing
@@ -14,16 +15,36 @@
 # /var/cache/umem/qemu/current points at the newest good build.
 #
 # Environment: UMEM_CACHE (default /var/cache/umem), UMEM_JOBS (ninja -j,
-# default: number of cores), UMEM_QEMU_SERIES (default 10.0: any 10.0.x).
+# default: number of cores), UMEM_QEMU_SERIES (default 10.2: any 10.2.x,
+# from sid, with the series in qemu-patches/; 10.0: any 10.0.x, from
+# trixie, with the series in qemu-patches/10.0/). A series whose
+# directory qemu-patches/<series>/ exists uses it, any other
+# qemu-patches/ itself.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE_ROOT=${UMEM_CACHE:-/var/cache/umem}
 CACHE=$CACHE_ROOT/qemu
-SERIES_PREFIX=${UMEM_QEMU_SERIES:-10.0}
+SERIES_PREFIX=${UMEM_QEMU_SERIES:-10.2}
 JOBS=${UMEM_JOBS:-$(nproc)}
-MESON_VERSION=1.5.0
-SOURCES_FILE=/etc/apt/sources.list.d/umem-trixie-src.sources
+# The patches of this series: qemu-patches/<series>/ if there is one.
+PATCHES=$HERE
+[ ! -d "$HERE/$SERIES_PREFIX" ] || PATCHES=$HERE/$SERIES_PREFIX
+# The meson wheel that the release's configure installs into its venv
+# (pythondeps.toml, [meson] installed=; checked after unpacking).
+case "$SERIES_PREFIX" in
+    10.0) MESON_VERSION=1.5.0 ;;
+    *) MESON_VERSION=1.9.0 ;;
+esac
+# A private apt configuration for the deb-src index: the host's own
+# sources.list stays bookworm's, so no other apt-get source ever picks sid.
+APT_DIR=$CACHE_ROOT/apt
+SOURCES_FILE=$APT_DIR/sources.list.d/umem-qemu-src.sources
+APT_OPTS=(-o Dir::Etc::SourceList=/dev/null
+          -o Dir::Etc::SourceParts="$APT_DIR/sources.list.d"
+          -o Dir::State::Lists="$APT_DIR/lists"
+          -o Dir::Cache="$APT_DIR/cache"
+          -o APT::Sandbox::User=root)
 # Bump when the recipe changes in a way that changes the output.
 RECIPE=3
 
@@ -57,13 +78,14 @@ TREE=
 case "${1:-}" in
     "") ;;
     --key) MODE=key ;;
+    --patches) echo "$PATCHES"; exit 0 ;;
     --tree) MODE=tree; TREE=${2:?--tree needs a directory} ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
 esac
 
 [ "$(id -u)" = 0 ] || die "run as root (apt-get, $CACHE_ROOT)"
-[ -s "$HERE/series" ] || die "no series file in $HERE"
+[ -s "$PATCHES/series" ] || die "no series file in $PATCHES"
 
 apt_quiet() { DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=600 "$@" >&2; }
 
@@ -83,11 +105,12 @@ ensure_packages() {
 ensure_sources() {
     local want
     want=$(cat <<'EOF'
-# umem: QEMU's source package from Debian trixie (qemu-patches/build.sh).
-# deb-src only, so no trixie binary package is ever installed from it.
+# umem: QEMU's source packages (qemu-patches/build.sh), deb-src only and in
+# a private apt directory, so no binary package is ever installed from it.
+# trixie has 10.0.x, sid the newer releases, trixie-backports a backport.
 Types: deb-src
 URIs: http://deb.debian.org/debian
-Suites: trixie trixie-updates
+Suites: trixie trixie-updates trixie-backports sid
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
@@ -98,6 +121,8 @@ Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
 )
+    mkdir -p "$APT_DIR/sources.list.d" "$APT_DIR/lists/partial" \
+        "$APT_DIR/cache/archives/partial"
     if [ "$(cat "$SOURCES_FILE" 2>/dev/null)" != "$want" ]; then
         say "writing $SOURCES_FILE"
         printf '%s\n' "$want" > "$SOURCES_FILE"
@@ -106,21 +131,20 @@ EOF
 }
 
 update_sources() {
-    say "apt-get update (trixie deb-src only)"
-    apt_quiet update -o Dir::Etc::sourcelist="$SOURCES_FILE" \
-        -o Dir::Etc::sourceparts=- -o APT::Get::List-Cleanup=0 \
+    say "apt-get update ($SOURCES_FILE only)"
+    apt_quiet "${APT_OPTS[@]}" update \
         || die "apt-get update for $SOURCES_FILE failed"
 }
 
 # Highest qemu source version of the wanted series in the apt index.
 source_version() {
-    apt-cache showsrc qemu 2>/dev/null | sed -n 's/^Version: //p' \
+    apt-cache "${APT_OPTS[@]}" showsrc qemu 2>/dev/null | sed -n 's/^Version: //p' \
         | grep -E "^(1:)?${SERIES_PREFIX//./\\.}\.[0-9]+\+ds" \
         | sort -V | tail -n 1 || true
 }
 
 series_patches() {
-    grep -vE '^[[:space:]]*(#|$)' "$HERE/series"
+    grep -vE '^[[:space:]]*(#|$)' "$PATCHES/series"
 }
 
 cache_key() {
@@ -130,11 +154,11 @@ cache_key() {
         echo "meson $MESON_VERSION"
         echo "configure ${CONFIGURE_FLAGS[*]}"
         echo "series"
-        cat "$HERE/series"
+        cat "$PATCHES/series"
         local p
         for p in $(series_patches); do
             echo "patch $p"
-            cat "$HERE/$p"
+            cat "$PATCHES/$p"
         done
     } | sha256sum | cut -c1-16
 }
@@ -148,8 +172,8 @@ if [ "$UPDATED_SOURCES" = 1 ] || [ -z "$VERSION" ]; then
     update_sources
     VERSION=$(source_version)
 fi
-[ -n "$VERSION" ] || die "no qemu $SERIES_PREFIX.x source package in trixie" \
-    "(apt-cache showsrc qemu lists: $(apt-cache showsrc qemu | sed -n 's/^Version: //p' | tr '\n' ' '))"
+[ -n "$VERSION" ] || die "no qemu $SERIES_PREFIX.x source package in the index" \
+    "(apt-cache showsrc qemu lists: $(apt-cache "${APT_OPTS[@]}" showsrc qemu | sed -n 's/^Version: //p' | tr '\n' ' '))"
 KEY=$(cache_key)
 OUT=$CACHE/$KEY
 BIN=$OUT/bin/qemu-system-x86_64
@@ -193,7 +217,8 @@ fi
 mkdir -p "$WORK"
 say "apt-get source qemu=$VERSION into $WORK"
 # The _apt sandbox user cannot write here; the download still works as root.
-(cd "$WORK" && apt-get -q source "qemu=$VERSION" >"$WORK/apt-source.log" 2>&1) \
+(cd "$WORK" && apt-get "${APT_OPTS[@]}" -q source "qemu=$VERSION" \
+    >"$WORK/apt-source.log" 2>&1) \
     || { cat "$WORK/apt-source.log" >&2; die "apt-get source qemu=$VERSION failed"; }
 SRC=$(find "$WORK" -mindepth 1 -maxdepth 1 -type d -name 'qemu-*' | head -n 1)
 [ -n "$SRC" ] && [ -f "$SRC/VERSION" ] || die "no unpacked source in $WORK"
@@ -214,6 +239,10 @@ if ! grep -q '^if unpack_edk2_blobs and false' "$SRC/pc-bios/meson.build"; then
 fi
 
 # The +ds tarball lacks the meson wheel that configure installs into its venv.
+WANT_MESON=$(sed -n '/^\[meson\]/,/^\[/s/^meson = .*installed = "\([^"]*\)".*/\1/p' \
+    "$SRC/pythondeps.toml" 2>/dev/null | head -n 1)
+[ -z "$WANT_MESON" ] || [ "$WANT_MESON" = "$MESON_VERSION" ] \
+    || die "QEMU $UPSTREAM wants meson $WANT_MESON, build.sh has $MESON_VERSION for $SERIES_PREFIX"
 WHEELS=$CACHE_ROOT/downloads
 if ! ls "$WHEELS"/meson-"$MESON_VERSION"-*.whl >/dev/null 2>&1; then
     say "pip download meson==$MESON_VERSION"
@@ -233,8 +262,8 @@ GIT=(git -C "$SRC" -c user.name="umem build" -c user.email=umem@example.org
 "${GIT[@]}" add -A -f .
 "${GIT[@]}" commit -q -m "qemu $VERSION (Debian source package)"
 for p in $(series_patches); do
-    [ -f "$HERE/$p" ] || die "series names $p, which is missing"
-    if ! "${GIT[@]}" am -q -3 "$HERE/$p" >&2; then
+    [ -f "$PATCHES/$p" ] || die "series names $p, which is missing"
+    if ! "${GIT[@]}" am -q -3 "$PATCHES/$p" >&2; then
         "${GIT[@]}" am --abort || true
         die "$p does not apply to qemu $VERSION: rebase the series (docs/qemu.md)"
     fi
@@ -253,7 +282,7 @@ mkdir -p "$SRC/build"
 (cd "$SRC/build" && ../configure --python=/usr/bin/python3 \
     "${CONFIGURE_FLAGS[@]}" >"$WORK/configure.log" 2>&1) \
     || { tail -n 30 "$WORK/configure.log" >&2; die "configure failed (log: $WORK/configure.log)"; }
-say "ninja -j$JOBS qemu-system-x86_64 (about 4-5 minutes on 2 cores)"
+say "ninja -j$JOBS qemu-system-x86_64 (4-5 minutes on 2 idle cores, about 9 under load)"
 BUILD_START=$(date +%s)
 if ! ninja -C "$SRC/build" -j"$JOBS" qemu-system-x86_64 >"$WORK/ninja.log" 2>&1; then
     grep -E -B2 -A8 'FAILED|error:' "$WORK/ninja.log" | tail -n 40 >&2 || true

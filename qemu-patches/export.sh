@@ -1,13 +1,17 @@
 #!/bin/bash
 # Export the series from a git tree made by `build.sh --tree DIR` (after a
-# rebase or an edit) back into qemu-patches/: the patches, the cover letter
-# (subject and text from cover-letter.txt) and the series file.
+# rebase or an edit) back into a series directory: the patches, the cover
+# letter (subject and text from that directory's cover-letter.txt) and the
+# series file.
 #
-# usage: qemu-patches/export.sh TREE   (TREE: the qemu-10.0.x+ds directory)
+# usage: qemu-patches/export.sh TREE [DIR]
+#        TREE: the qemu-<version>+ds directory; DIR: the series directory,
+#        default qemu-patches/ (the default series; qemu-patches/10.0 for
+#        the 10.0 one, as `build.sh --patches` prints)
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-TREE=${1:?usage: export.sh TREE}
+HERE=$(cd "${2:-$(dirname "${BASH_SOURCE[0]}")}" && pwd)
+TREE=${1:?usage: export.sh TREE [DIR]}
 BASE=$(git -C "$TREE" rev-list --max-parents=0 HEAD)
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT

@@ -14,12 +14,19 @@
 # QEMU_BIN and QEMU_DATADIR name the build's binary and its firmware
 # directory (-L) for other targets; both go through the 'current' symlink
 # that build.sh points at its newest good build.
+#
+# UMEM_QEMU_SERIES picks the QEMU release: empty for build.sh's default
+# (10.2.x, the series in qemu-patches/), 10.0 for the 10.0.x build with
+# qemu-patches/10.0/ (e.g. make qemu test-qemu UMEM_QEMU_SERIES=10.0).
+# Every target that runs QEMU uses the build 'make qemu' made last.
 
 UMEM_CACHE ?= $(or $(CACHE),/var/cache/umem)
 QEMU_BIN := $(UMEM_CACHE)/qemu/current/bin/qemu-system-x86_64
 QEMU_DATADIR := $(UMEM_CACHE)/qemu/current/share/qemu
 QEMU_GUEST_DIR := $(UMEM_CACHE)/guest/current
 QEMU_TEST_PYTHON ?= $(CURDIR)/.venv/bin/python
+UMEM_QEMU_SERIES ?=
+export UMEM_QEMU_SERIES
 # The top-level 'test' target runs test-qemu when this is set.
 QEMU_TESTS := 1
 

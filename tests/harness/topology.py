@@ -1,10 +1,11 @@
 """Where the two QEMUs of a benchmark run, and how the host reaches them.
 
 The end-to-end topology (BRIEF §5): the source QEMU runs the test guest on the
-host; the destination QEMU (the same patched 10.0 binary, through the test VM's
-root share) runs inside the test VM booted by ``tests/harness/vm``, and the host
-reaches it only through slirp port forwards bound to 127.0.0.1
-(``--hostfwd``). Everything connects from the host to the VM:
+host; the destination QEMU (the same patched binary, ``make qemu``'s
+``current``, through the test VM's root share) runs inside the test VM
+booted by ``tests/harness/vm``, and the host reaches it only through slirp port
+forwards bound to 127.0.0.1 (``--hostfwd``). Everything connects from the
+host to the VM:
 
 =========  ==========  =====================================================
 name       guest port  what
