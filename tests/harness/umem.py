@@ -371,7 +371,11 @@ async def _cancel_at_switchover(side: UmemSide, src: HostVm, guest_args: list[st
         await src.cmd("migrate", uri=f"tcp:127.0.0.1:{side.topo.host_port('migration')}")
         await src.wait_migration({"pre-switchover"}, settings.migrate_timeout)
         released = await first_status(side.status, 120, lambda doc: bool(doc["source_released"]))
-        followed = asyncio.create_task(read_status(side.status, lambda doc: None, deadline=time.monotonic() + 300))
+        # The pull ends as soon as serve aborts: its last line reaches only a client it has accepted.
+        following = asyncio.Event()
+        followed = asyncio.create_task(read_status(side.status, lambda doc: following.set(),
+                                                   deadline=time.monotonic() + 300))
+        await asyncio.wait_for(following.wait(), 60)
         await src.cmd("migrate_cancel")
         last = await followed
         pull_rc = await side.wait_pull(120)
