@@ -18,7 +18,6 @@ APT_PACKAGES := qemu-system-x86 busybox-static linux-image-amd64 linux-headers-a
 KDIR = $(shell ls -d /lib/modules/*/build 2>/dev/null | sort -V | tail -n 1)
 KERNEL_SOURCES := $(wildcard kernel/*.c kernel/*.h) kernel/Kbuild kernel/Makefile \
 	kernel/include/uapi/linux/umem.h
-PY_SOURCES := $(shell find daemon tests -name '*.py' -not -path '*/__pycache__/*')
 
 PYTEST_ARGS ?= -q
 VM := $(PY) -m tests.harness.vm
