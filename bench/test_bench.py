@@ -13,6 +13,7 @@ from tests.harness.machine import GuestImage, Settings, WorkloadLog
 from tests.harness.topology import ClockSample, HostTopology, complete_lines
 
 from . import report
+from .daemon_bench import tables
 from .docblock import update_doc
 from .metrics import event_interval, heartbeat_gaps, page_requests, percentile, summary
 from .modes import MODES
@@ -155,3 +156,19 @@ def test_postcopy_preempt_run_in_the_host_topology(tmp_path: Path, guest: GuestI
     requests = rec["page_requests"]
     assert isinstance(requests, dict) and requests["requests"] > 0 and requests["p50_ms"] is not None
     assert rec["blocktime_ms"] is not None
+
+
+def test_daemon_tables_leave_out_a_run_whose_guest_timed_no_fault() -> None:
+    """Under load the push can deliver every page before the guest touches it: that run has no
+    fault latency, and must not turn a median or a ratio into nan."""
+    def run(latencies: list[float]) -> dict[str, object]:
+        touches = [(0, 3.0, False)] + [(i + 1, us, True) for i, us in enumerate(latencies)]
+        report = {"faults": len(latencies), "demand_pages": len(latencies), "pushed_pages": 100,
+                  "skipped_pages": 0, "fault_latency_us": {"p50": 64, "p99": 128}}
+        return {"touches": touches, "report": report}
+
+    runs = [run([900.0, 1000.0]), run([]), run([800.0])]
+    data = {"size_mib": 1, "throughput": {}, "prepage": {"sequential, --prepage 8": runs},
+            "latency": {"demand-only": runs[::-1], "with-push": runs}}
+    text = tables(data, 3)
+    assert "nan" not in text, text
