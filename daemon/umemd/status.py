@@ -126,12 +126,21 @@ class StatusServer(threading.Thread):
             return
         client.settimeout(SEND_TIMEOUT)
         with self._lock:
-            if len(self._clients) >= MAX_CLIENTS or self._final:
-                log.warning("status client %s:%d refused: %d clients already", peer[0], peer[1], MAX_CLIENTS)
+            refusal = self._refusal()
+            if refusal:
+                log.warning("status client %s:%d refused: %s", peer[0], peer[1], refusal)
                 client.close()
                 return
             self._clients.append(client)
         log.info("status client %s:%d connected", *peer[:2])
+
+    def _refusal(self) -> str:
+        """Why a new client is refused, or "" (caller holds _lock)."""
+        if self._final:
+            return "the pull has ended and its last status line is sent"
+        if len(self._clients) >= MAX_CLIENTS:
+            return f"{MAX_CLIENTS} clients already"
+        return ""
 
     def _broadcast(self, doc: dict[str, Any], final: bool = False) -> None:
         line = json.dumps(doc, separators=(",", ":")).encode() + b"\n"

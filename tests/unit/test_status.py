@@ -168,3 +168,19 @@ def test_the_wait_for_the_release_returns_once_released() -> None:
         asyncio.run(wait_release(endpoint, 30))
     finally:
         server.finish({"state": "complete", "source_released": True})
+
+
+def test_a_client_after_the_last_line_is_told_the_pull_has_ended(caplog: pytest.LogCaptureFixture) -> None:
+    """The refusal names its reason: the last line is out, not the client limit."""
+    endpoint = free_endpoint()
+    server = StatusServer(endpoint, lambda: {"state": "pulling"})
+    server.start()
+    server._broadcast({"state": "complete"}, final=True)  # the last line, before finish() closes the listener
+    try:
+        with caplog.at_level("WARNING", logger="umemd.status"), \
+                socket.create_connection((endpoint.host, endpoint.port), timeout=30) as client, \
+                contextlib.suppress(ConnectionResetError):
+            assert client.recv(1) == b""
+        assert "the pull has ended" in caplog.text and "clients already" not in caplog.text, caplog.text
+    finally:
+        server.finish({"state": "complete"})
