@@ -21,7 +21,9 @@ KERNEL_SOURCES := $(wildcard kernel/*.c kernel/*.h) kernel/Kbuild kernel/Makefil
 
 PYTEST_ARGS ?= -q
 VM := $(PY) -m tests.harness.vm
-VM_KERNEL_ARGS := --console-log $(BUILD)/vm-kernel-console.log --udev --env UMEM_KMOD=$(CURDIR)/kernel/umem.ko --env UMEM_IN_VM=1
+# $(call vm-kernel-args,UMEM_KO): the test VM for a suite that loads that module.
+vm-kernel-args = --console-log $(BUILD)/vm-kernel-console.log --udev --env UMEM_KMOD=$(CURDIR)/$(1) --env UMEM_IN_VM=1
+VM_KERNEL_ARGS := $(call vm-kernel-args,kernel/umem.ko)
 
 -include qemu-patches/qemu.mk
 
@@ -133,10 +135,9 @@ $(KMOD_HOOKS): $(KERNEL_SOURCES) | apt
 	tests/kbuild/kmod-tree.sh / $(BUILD)/kmod-hooks UMEM_TEST_HOOKS=1
 
 # The kernel suite, inside a VM booting Debian's own kernel.
-test-kernel: abi kmod $(KMOD_HOOKS) $(KERNEL_SUITE_BINS)
+test-kernel: abi $(KMOD_HOOKS) $(KERNEL_SUITE_BINS)
 	$(PY) -m compileall -q daemon tests
-	$(VM) --console-log $(BUILD)/vm-kernel-console.log --udev --env UMEM_KMOD=$(CURDIR)/$(KMOD_HOOKS) \
-		--env UMEM_IN_VM=1 -- $(PY) -m pytest tests/kernel $(PYTEST_ARGS)
+	$(VM) $(call vm-kernel-args,$(KMOD_HOOKS)) -- $(PY) -m pytest tests/kernel $(PYTEST_ARGS)
 
 $(BUILD)/fault_bench: bench/fault_bench.c kernel/include/uapi/linux/umem.h | apt
 	@mkdir -p $(BUILD)

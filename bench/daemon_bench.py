@@ -288,7 +288,7 @@ def fault_latencies(result: dict[str, Any]) -> list[float]:
 def fault_percentiles(results: list[dict[str, Any]], q: float) -> list[float]:
     """Each run's q-th fault-latency percentile, for the runs whose guest timed a fault (under
     load the push can deliver every page first: such a run has no latency to count)."""
-    return [percentile(fault_latencies(r), q) for r in results if fault_latencies(r)]
+    return [percentile(latencies, q) for r in results if (latencies := fault_latencies(r))]
 
 
 def make_source(path: Path, size: int) -> None:

@@ -16,6 +16,11 @@ def module_loaded() -> bool:
     return Path("/sys/module/umem").exists()
 
 
+def unload_module() -> subprocess.CompletedProcess[str]:
+    """``rmmod umem``, its outcome returned (refused "in use" while anything pins the module)."""
+    return subprocess.run(["rmmod", "umem"], capture_output=True, text=True)
+
+
 def load_module() -> None:
     if not module_loaded():
         subprocess.run(["insmod", KMOD], check=True)

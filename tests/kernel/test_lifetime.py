@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import CHECKOUT
-from tests.harness.kmod import load_module
+from tests.harness.kmod import load_module, unload_module
 from tests.harness.mapping import Mapping, page_pattern
 from tests.harness.waiting import wait_until
 from umemd import Control, DeviceError, Fault, Server, node_path
@@ -177,20 +177,16 @@ def test_a_core_dump_does_not_fetch_missing_pages(make_instance: Callable[..., S
     assert server.stats().faults == 0
 
 
-def rmmod() -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["rmmod", "umem"], capture_output=True, text=True)
-
-
 def test_module_is_pinned_by_an_instance_without_any_fd() -> None:
     with Control() as control:
         control.create("pin", 1 << 20).close()
     try:
-        refused = rmmod()
+        refused = unload_module()
         assert refused.returncode != 0 and "in use" in refused.stderr
     finally:
         with Control() as control:
             control.destroy("pin")
-    assert rmmod().returncode == 0
+    assert unload_module().returncode == 0
     load_module()
 
 

@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness.kmod import load_module
-from tests.harness.mapping import Mapping, libc, page_pattern
+from tests.harness.kmod import load_module, unload_module
+from tests.harness.mapping import MAP_FIXED, Mapping, libc, page_pattern
 from tests.harness.waiting import wait_until
 from umemd import Control, Fault, Server, node_path
 from umemd.protocol import PAGE_SIZE as PAGE
 
 from .parking import Park, parking
 from .test_faults import waiters
-
-MAP_FIXED = 0x10
 
 
 @pytest.fixture
@@ -80,10 +77,6 @@ def test_a_server_attaching_during_the_release_of_the_last_gets_each_record_once
     assert reader.data == page_pattern(0)
 
 
-def rmmod() -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["rmmod", "umem"], capture_output=True, text=True)
-
-
 def map_anonymous_over(m: Mapping) -> None:
     """Replace ``m`` by anonymous memory, at once, under a fault sleeping in it."""
     addr = libc.mmap(m.addr, m.length, mmap.PROT_READ | mmap.PROT_WRITE,
@@ -109,11 +102,11 @@ def test_rmmod_is_refused_until_the_code_that_freed_the_last_instance_has_return
     park.arm("freed")
     park.go()
     park.wait_parked("freed")
-    refused = rmmod()
+    refused = unload_module()
     assert refused.returncode != 0 and "in use" in refused.stderr, (
         "rmmod unloaded umem while the task that freed the last instance still ran its code")
     park.go()
     reader.join()
     assert reader.data == bytes(PAGE), "the retried fault did not read the anonymous page"
-    wait_until(lambda: rmmod().returncode == 0, what="rmmod to succeed once the task has returned")
+    wait_until(lambda: unload_module().returncode == 0, what="rmmod to succeed once the task has returned")
     load_module()
