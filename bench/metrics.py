@@ -15,8 +15,11 @@
   (``CLOCK_REALTIME``). 10.0's log backend prefixes ``TID@SECONDS.USEC:``;
   from 10.1 on the prefix is ``-msg timestamp=on``'s own, ISO 8601 in UTC
   (``2026-12-01T14:34:56.262322Z``, the fraction left out when it is 0).
-  Both are parsed. QEMU 10.1 and later also report latency over QMP
-  (``postcopy-latency`` and friends, with ``postcopy-blocktime``).
+  Both are parsed.
+- :func:`qemu_latency`: QEMU 10.1 and later also report the latency over QMP
+  (``postcopy-latency`` and ``postcopy-latency-dist``, with ``postcopy-blocktime``),
+  from the fault's arrival at the fault thread to the page's placement: shown beside the
+  trace-event figures.
 - :func:`heartbeat_gaps`: the guest's stall as the guest itself saw it.
 - :func:`event_interval`: STOP (source) -> RESUME (destination) across two
   clocks.
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from umemd.protocol import PAGE_SIZE
+from umemd.stats import bucket_percentile
 
 if TYPE_CHECKING:  # annotations only: bench.daemon_bench imports this module in the test VM
     from tests.harness.machine import WorkloadLog
@@ -143,6 +147,17 @@ def page_requests(trace: str, resume_ns: int | None = None, early_s: float = EAR
             if early_end_us is not None and fault_us <= early_end_us:
                 early.append((t_us - fault_us) / 1000)
     return PageRequests(faults, requests, latencies, from_request, early, early_s)
+
+
+def qemu_latency(info: dict[str, Any]) -> dict[str, float | int] | None:
+    """The destination's own request latency (``query-migrate``, QEMU 10.1+): the mean, and the
+    p50/p99 as upper bounds of ``postcopy-latency-dist``'s buckets ([2^N, 2^(N+1)) µs); None
+    where QEMU does not report it (10.0, or no post-copy)."""
+    if info.get("postcopy-latency") is None:
+        return None
+    counts = {2 ** (n + 1): c for n, c in enumerate(info.get("postcopy-latency-dist") or [])}
+    return {"requests": sum(counts.values()), "mean_ms": info["postcopy-latency"] / 1e6,
+            "p50_ms": bucket_percentile(counts, 0.5) / 1e3, "p99_ms": bucket_percentile(counts, 0.99) / 1e3}
 
 
 @dataclass

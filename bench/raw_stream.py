@@ -1,16 +1,21 @@
-"""The raw TCP stream that ``make bench-daemon`` sets beside umemd's push (bench/daemon_bench.py):
-``python -m bench.raw_stream recv HOST PORT SIZE`` and ``... send HOST PORT FILE MODE``, each its
-own process. Standard library only, so that a sender starts as fast as it can."""
+"""The link's own limits, beside umemd's push (bench/daemon_bench.py) and the race's modes
+(bench/link.py): ``python -m bench.raw_stream recv HOST PORT SIZE [--ack]`` and ``... send HOST PORT
+FILE MODE``, a raw TCP stream; ``... ping HOST PORT ROUNDS SIZE``, the requester's end of request/response
+round trips of SIZE-byte responses (a page) (:func:`answer_pings` is the other). Each end its own process or
+thread; standard library only, so that a receiver in the test VM starts as fast as it can."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import mmap
 import socket
 import sys
 import time
 
 MIB = 1 << 20
+REQUEST = 8         # bytes of a round trip's request (about a fault record's)
+ACK = b"A"          # the receiver's one byte after the whole stream (--ack)
 
 
 def receive(args: argparse.Namespace) -> int:
@@ -29,7 +34,55 @@ def receive(args: argparse.Namespace) -> int:
                 if left == args.size:
                     print(time.monotonic(), flush=True)
                 left -= n
+            if args.ack:
+                conn.sendall(ACK)
     return 0
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes, or fewer only at the end of the stream."""
+    chunks, left = [], size
+    while left:
+        data = sock.recv(left)
+        if not data:
+            break
+        chunks.append(data)
+        left -= len(data)
+    return b"".join(chunks)
+
+
+def ping(args: argparse.Namespace) -> int:
+    """Accept one connection, then ``rounds`` times: send a request, read ``size`` bytes. Prints
+    ``listening``, then the round trips' median and 99th percentile as JSON."""
+    with socket.create_server((args.host, args.port)) as listener:
+        print("listening", flush=True)
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            request = bytes(REQUEST)
+            times: list[int] = []
+            for _ in range(args.rounds):
+                t0 = time.perf_counter_ns()
+                conn.sendall(request)
+                if len(read_exactly(conn, args.size)) != args.size:
+                    raise SystemExit(f"the answering end closed after {len(times)} round trips")
+                times.append(time.perf_counter_ns() - t0)
+    times.sort()
+    print(json.dumps({"rounds": len(times), "p50_ms": times[len(times) // 2] / 1e6,
+                      "p99_ms": times[min(len(times) - 1, len(times) * 99 // 100)] / 1e6}), flush=True)
+    return 0
+
+
+def answer_pings(sock: socket.socket, size: int) -> int:
+    """The answering end of :func:`ping`: ``size`` bytes for every request, until the stream
+    ends; returns the number answered."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    page = b"\x5a" * size
+    answered = 0
+    while len(read_exactly(sock, REQUEST)) == REQUEST:
+        sock.sendall(page)
+        answered += 1
+    return answered
 
 
 def send(args: argparse.Namespace) -> int:
@@ -53,13 +106,19 @@ def main(argv: list[str]) -> int:
     r.add_argument("host")
     r.add_argument("port", type=int)
     r.add_argument("size", type=int)
+    r.add_argument("--ack", action="store_true", help="send one byte back once the whole stream is in")
     s = sub.add_parser("send")
     s.add_argument("host")
     s.add_argument("port", type=int)
     s.add_argument("file")
     s.add_argument("mode", choices=("sendfile", "sendall"))
+    pg = sub.add_parser("ping")
+    pg.add_argument("host")
+    pg.add_argument("port", type=int)
+    pg.add_argument("rounds", type=int)
+    pg.add_argument("size", type=int, help="bytes of each response")
     args = parser.parse_args(argv)
-    return receive(args) if args.command == "recv" else send(args)
+    return {"recv": receive, "send": send, "ping": ping}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@
 3. Capabilities on both sides and source parameters, *then*
    ``migrate-incoming`` (postcopy-preempt needs the capability before the
    listener exists); a clock sample; ``migrate``; the mode's switch-over.
-4. Wait for ``completed`` on both sides, then for ``passes_after``
+   A destination under another accelerator (KVM in the test VM) gets the
+   guest of :func:`~tests.harness.machine.cross_accel_args` on both sides.
+4. Wait for ``completed`` on both sides (pre-copy: at most ``precopy_cap_s``,
+   then it is cancelled and recorded as not converged), then for ``passes_after``
    verification passes on the destination that begin after completion (every
    page is there by then), another clock sample, ``query-migrate`` on both.
 5. Quit both; fetch the destination's trace log; compute.
@@ -24,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.harness.machine import GuestImage, Settings, WorkloadLog
+from tests.harness.machine import ACCEL, GuestImage, MigrationTimeout, Settings, WorkloadLog, cross_accel_args
 from tests.harness.topology import HostVm, Topology
 
-from .metrics import event_interval, heartbeat_gaps, page_requests
+from .metrics import event_interval, heartbeat_gaps, page_requests, qemu_latency
 from .modes import Mode, RunContext
 
 
@@ -62,7 +65,8 @@ async def run_once(topo: Topology, mode: Mode, guest: GuestImage, settings: Sett
 
 async def _migrate(ctx: RunContext, record: dict[str, Any]) -> None:
     mode, s, topo = ctx.mode, ctx.settings, ctx.topo
-    guest_args = ["-m", s.ram, *ctx.guest.args(mib=s.mib)]
+    cross = topo.dst_accel != ACCEL
+    guest_args = ["-m", s.ram, *(cross_accel_args(ctx.guest, mib=s.mib) if cross else ctx.guest.args(mib=s.mib))]
     trace_log = topo.remote_path(f"{ctx.tag}.trace") if mode.trace_events else None
     async with HostVm(ctx.workdir, "src", [*guest_args, *mode.source_args(ctx)]) as src:
         ctx.src = src
@@ -71,6 +75,9 @@ async def _migrate(ctx: RunContext, record: dict[str, Any]) -> None:
         dst_args = ["-incoming", "defer", *guest_args, *mode.destination_args(ctx)]
         async with topo.destination(f"dst-{ctx.tag}", dst_args, ctx.workdir, trace_log) as dst:
             ctx.dst = dst
+            record["dst_accel"] = await accelerator(dst)
+            if record["dst_accel"] != topo.dst_accel:
+                raise RuntimeError(f"the destination runs {record['dst_accel']}, not {topo.dst_accel}")
             caps = [{"capability": k, "state": v} for k, v in mode.capabilities().items()]
             for vm in (src, dst):
                 await vm.cmd("migrate-set-capabilities", capabilities=caps)
@@ -84,7 +91,15 @@ async def _migrate(ctx: RunContext, record: dict[str, Any]) -> None:
             ctx.extra["migrate_unix_ns"] = time.time_ns()
             await src.cmd("migrate", uri=f"tcp:127.0.0.1:{topo.host_port('migration')}")
             await mode.switch_over(ctx)
-            src_info = await src.wait_migration({"completed"}, s.migrate_timeout)
+            try:
+                src_info = await src.wait_migration({"completed"}, s.migrate_timeout if mode.postcopy
+                                                    else s.precopy_cap_s)
+            except MigrationTimeout:
+                if mode.postcopy:
+                    raise
+                record.update(await not_converged(src, s))
+                return
+            record["converged"] = True
             t_src_done = time.monotonic()
             await dst.wait_migration({"completed"}, 120)
             await mode.after_completed(ctx)
@@ -114,6 +129,25 @@ async def _migrate(ctx: RunContext, record: dict[str, Any]) -> None:
                         "dst_completed": round(t_dst_done - t_start, 3)}
 
 
+async def accelerator(vm: Any) -> str:
+    """"kvm" or "tcg", as the QEMU itself says."""
+    return "kvm" if (await vm.cmd("query-kvm")).get("enabled") else "tcg"
+
+
+async def not_converged(src: Any, s: Settings) -> dict[str, Any]:
+    """Cancel a pre-copy past its cap; what it had moved, and the source's verification."""
+    info = await src.cmd("query-migrate")
+    await src.cmd("migrate_cancel")
+    await src.wait_migration({"cancelled"}, 120)
+    log = src.workload()
+    failures = log.total_bad + len(log.errors)
+    return {"converged": False, "precopy_cap_s": s.precopy_cap_s, "bytes": info.get("ram", {}).get("transferred"),
+            "ram": _ram(info), "verify": {"src_passes": len(log.verifies), "src_bad": log.total_bad,
+                                          "bad_lines": log.bad[:20], "errors": log.errors},
+            "verify_failures": failures, "problems": [f"verification failures on the source: {failures}"]
+            if failures or log.bad else []}
+
+
 def measure(record: dict[str, Any], src_info: dict[str, Any], dst_info: dict[str, Any], src: Any, dst: Any,
             src_log: WorkloadLog, dst_log: WorkloadLog, trace: str, clock_before: Any, clock_after: Any,
             status: str, verifies_at_completion: int) -> dict[str, Any]:
@@ -126,6 +160,7 @@ def measure(record: dict[str, Any], src_info: dict[str, Any], dst_info: dict[str
     out["bytes"] = src_info.get("ram", {}).get("transferred")
     out["blocktime_ms"] = dst_info.get("postcopy-blocktime")
     out["vcpu_blocktime_ms"] = dst_info.get("postcopy-vcpu-blocktime")
+    out["qemu_latency"] = qemu_latency(dst_info)
     out["clock"] = {"before": clock_before.__dict__, "after": clock_after.__dict__}
 
     stop, resume = src.events.find("STOP"), dst.events.find("RESUME")

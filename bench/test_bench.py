@@ -11,12 +11,14 @@ import pytest
 
 from tests.harness.machine import GuestImage, Settings, WorkloadLog
 from tests.harness.topology import ClockSample, HostTopology, complete_lines
+from umemd.protocol import PAGE_SIZE
 
-from . import report
+from . import link, report
 from .daemon_bench import tables
 from .docblock import update_doc
-from .metrics import event_interval, heartbeat_gaps, page_requests, percentile, summary
-from .modes import MODES
+from .metrics import event_interval, heartbeat_gaps, page_requests, percentile, qemu_latency, summary
+from .modes import MODES, Precopy
+from .race import stream_bytes
 from .run import run_once
 
 BLOCK = report.BLOCKS["baseline"]
@@ -156,6 +158,45 @@ def test_postcopy_preempt_run_in_the_host_topology(tmp_path: Path, guest: GuestI
     requests = rec["page_requests"]
     assert isinstance(requests, dict) and requests["requests"] > 0 and requests["p50_ms"] is not None
     assert rec["blocktime_ms"] is not None
+    # QEMU 10.1+ times the same requests itself (issue 13 item 2)
+    assert isinstance(rec["qemu_latency"], dict) and rec["qemu_latency"]["requests"] > 0
+    assert rec["qemu_latency"]["p50_ms"] > 0
+
+
+class _CappedPrecopy(Precopy):
+    """Pre-copy at 1 MiB/s: it cannot converge within a second, whatever the machine's speed."""
+
+    def source_parameters(self, settings: Settings) -> dict[str, object]:
+        return {**super().source_parameters(settings), "max-bandwidth": 1 << 20}
+
+
+def test_precopy_past_its_cap_is_cancelled_and_reported_not_converged(tmp_path: Path, guest: GuestImage) -> None:
+    settings = Settings(precopy_cap_s=1.0, boot_timeout=120)
+
+    async def go() -> dict[str, object]:
+        async with HostTopology(tmp_path / "bench") as topo:
+            return await run_once(topo, _CappedPrecopy(), guest, settings, 1, tmp_path / "run")
+
+    rec = asyncio.run(go())
+    assert rec["ok"], rec.get("error") or rec.get("problems")
+    assert rec["converged"] is False and rec["precopy_cap_s"] == 1.0
+    assert rec["verify_failures"] == 0 and isinstance(rec["bytes"], int) and rec["bytes"] > 0
+    assert "total_ms" not in rec
+
+
+def test_link_probe_streams_every_byte_and_times_round_trips(tmp_path: Path) -> None:
+    """The link-limit probe through a real forward (the host topology's agent runs the receiving ends)."""
+    path = link.stream_file(tmp_path / "link", (3 << 20) + 5)
+    assert b"\0" not in path.read_bytes()
+
+    async def go() -> dict[str, object]:
+        async with HostTopology(tmp_path / "bench") as topo:
+            return await link.probe(topo, path)
+
+    result = asyncio.run(go())
+    stream, rtt = result["stream"], result["round_trip"]
+    assert isinstance(stream, dict) and stream["bytes"] == (3 << 20) + 5 and stream["seconds"] > 0
+    assert isinstance(rtt, dict) and rtt["rounds"] == link.ROUNDS and 0 < rtt["p50_ms"] <= rtt["p99_ms"]
 
 
 def test_daemon_tables_leave_out_a_run_whose_guest_timed_no_fault() -> None:
@@ -172,3 +213,74 @@ def test_daemon_tables_leave_out_a_run_whose_guest_timed_no_fault() -> None:
             "latency": {"demand-only": runs[::-1], "with-push": runs}}
     text = tables(data, 3)
     assert "nan" not in text, text
+
+
+def test_qemu_latency_reads_the_mean_and_the_log2_buckets() -> None:
+    # bucket N holds [2^N, 2^(N+1)) µs: 3 requests in [4, 8), 1 in [1024, 2048)
+    info = {"postcopy-latency": 2_500_000, "postcopy-latency-dist": [0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 1]}
+    assert qemu_latency(info) == {"requests": 4, "mean_ms": 2.5, "p50_ms": 0.008, "p99_ms": 2.048}
+    assert qemu_latency({"postcopy-blocktime": 5}) is None
+
+
+def _rec(mode: str, index: int, total_ms: float | None, p50: float | None = None, **extra: object) -> dict[str, object]:
+    r: dict[str, object] = {"mode": mode, "index": index, "ok": True, "bytes": 2e8, "verify_failures": 0, **extra}
+    if total_ms is not None:
+        r["total_ms"] = total_ms
+    if p50 is not None:
+        r["page_requests"] = {"requests": 10, "p50_ms": p50, "p99_ms": 3 * p50}
+    return r
+
+
+def _link(index: int, seconds: float, p50: float, ram: str = "512M") -> dict[str, object]:
+    return {"guest_ram": ram, "index": index, "ok": True, "bytes_of": "postcopy's non-zero pages",
+            "stream": {"bytes": 1e8, "seconds": seconds, "mb_per_s": 1e2 / seconds},
+            "round_trip": {"rounds": 2000, "p50_ms": p50, "p99_ms": 2 * p50}}
+
+
+MODES_2 = [("precopy", "pre-copy", False), ("postcopy", "postcopy-ram", True)]
+
+
+def test_table_sets_each_run_beside_the_link_probe_of_its_own_round() -> None:
+    records = [_rec("postcopy", 1, 4000, p50=2.0), _rec("postcopy", 2, 9000, p50=8.0),
+               _rec("precopy", 1, 6000), _rec("precopy", 2, 6000)]
+    # round 2 was slower on the link too: per-round ratios, not ratios of medians
+    links = [_link(1, 2.0, 1.0), _link(2, 4.5, 4.0)]
+    text = report.table(records, MODES_2, links)
+    assert "| pre-copy | postcopy-ram | link limit (raw TCP) |" in text
+    assert "the pull's last fill) | 6.0 | 6.5 (4.0-9.0) | 3.2 (2.0-4.5) |" in text
+    assert "| page-request latency p50, ms | n/a | 5.0 (2.0-8.0) | 2.5 (1.0-4.0) |" in text
+    assert "| total time ÷ the raw stream of the same bytes, same round | 2.17 (1.33-3.00) | 2.00 | n/a |" in text
+    assert "| page-request latency p50 ÷ the raw round trip's p50, same round | n/a | 2.0 |" in text
+    assert "| runs completed / run | 2 / 2 | 2 / 2 | 2 / 2 |" in text
+
+
+def test_table_counts_a_precopy_cancelled_at_its_cap_but_times_only_the_converged() -> None:
+    records = [_rec("precopy", 1, 6000), _rec("precopy", 2, None, converged=False, precopy_cap_s=300.0)]
+    text = report.table(records, MODES_2[:1])
+    assert "the pull's last fill) | 6.0 |" in text
+    assert "| runs completed / run | 2 / 2 (1 not converged in 300 s) |" in text
+    assert "| verify failures (BAD pages, all passes, both sides) | 0 in 2 runs |" in text
+
+
+def test_growth_table_compares_each_mode_with_itself_at_the_smallest_size() -> None:
+    sizes = [{"ram": "512M", "mib": 192}, {"ram": "2G", "mib": 768}]
+    records = [{**_rec("postcopy", 1, 5000, p50=2.0), "guest_ram": "512M"},
+               {**_rec("postcopy", 1, 20000, p50=2.0), "guest_ram": "2G"},
+               {**_rec("precopy", 1, 8000), "guest_ram": "512M"},
+               {**_rec("precopy", 1, None, converged=False, precopy_cap_s=300.0), "guest_ram": "2G"}]
+    result = {"sizes": sizes, "records": records, "links": [_link(1, 2.5, 1.0), _link(1, 10.0, 1.0, "2G")],
+              "modes": [{"name": n, "title": t, "postcopy": pc} for n, t, pc in MODES_2]}
+    text = report.growth_table(result)
+    assert "| 2G | postcopy-ram | 20.0 | — | — | 2.0 | 6 | 200 | 2.00 | 4.00 |" in text
+    assert "| 512M | pre-copy | 8.0 | — | — | n/a | n/a | 200 | 3.20 | 1.00 |" in text
+    assert "| 2G | pre-copy | not converged |" in text
+    assert "| 2G | link limit (raw TCP) | 10.0 | n/a | n/a | 1.0 | 2 | 100 | 1.00 | |" in text
+
+
+def test_the_raw_stream_carries_as_many_bytes_as_postcopy_sent_non_zero_pages() -> None:
+    s = Settings(ram="1G", mib=384)
+    records = [{"mode": "postcopy", "guest_ram": "512M", "index": 1, "ram": {"normal": 10}},
+               {"mode": "postcopy", "guest_ram": "1G", "index": 2, "ram": {"normal": 99}},
+               {"mode": "postcopy", "guest_ram": "1G", "index": 1, "ram": {"normal": 70000}}]
+    assert stream_bytes(records, s, 1) == (70000 * PAGE_SIZE, "postcopy's non-zero pages")
+    assert stream_bytes(records[:2], s, 1) == (384 << 20, "the workload's size")

@@ -9,7 +9,8 @@
   verification passes, bad pages), see ``tests/qemu/guest/workload.c``.
 - :func:`run_qemu`: a short synchronous run, for command-line error checks.
 
-Every guest runs under TCG: this host's KVM boots no standard guest (BRIEF §5).
+Every guest on the host runs under TCG: this host's KVM boots no standard guest (BRIEF §5).
+A destination under KVM (inside the test VM, nested) takes :func:`cross_accel_args` on both sides.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from tests.harness import CHECKOUT
 
 CACHE = Path(os.environ.get("UMEM_CACHE", "/var/cache/umem"))
 ACCEL = os.environ.get("UMEM_QEMU_ACCEL", "tcg")
+# A guest migrating between TCG and KVM needs a CPU model both offer, and a clock other than
+# the TSC: under TCG the guest's TSC is the host's, which KVM does not carry on, and the
+# migrated guest's clock stands still (docs/performance.md, "The destination under KVM").
+CROSS_ACCEL_CPU = "qemu64"
+CROSS_ACCEL_CMDLINE = "clocksource=hpet"
 
 
 def qemu_binary() -> Path:
@@ -46,9 +52,10 @@ def qemu_datadir() -> Path:
     return qemu_binary().resolve().parent.parent / "share" / "qemu"
 
 
-def qemu_base_args() -> list[str]:
+def qemu_base_args(accel: str = ACCEL) -> list[str]:
+    """The binary and what every guest here shares: firmware, no default devices, q35, ``accel``."""
     return [str(qemu_binary()), "-L", str(qemu_datadir()), "-nodefaults", "-display", "none",
-            "-machine", "q35", "-accel", ACCEL]
+            "-machine", "q35", "-accel", accel]
 
 
 @dataclass(frozen=True)
@@ -57,11 +64,17 @@ class GuestImage:
     initrd: Path
     cmdline: str
 
-    def args(self, **params: int) -> list[str]:
-        """``-kernel/-initrd/-append`` with workload parameters (``mib=64`` → ``wl_mib=64``)."""
-        extra = " ".join(f"wl_{k}={v}" for k, v in params.items())
+    def args(self, kernel_args: str = "", **params: int) -> list[str]:
+        """``-kernel/-initrd/-append`` with ``kernel_args`` and workload parameters
+        (``mib=64`` → ``wl_mib=64``)."""
+        extra = " ".join([kernel_args, *(f"wl_{k}={v}" for k, v in params.items())])
         return ["-kernel", str(self.kernel), "-initrd", str(self.initrd),
-                "-append", f"{self.cmdline} {extra}".strip()]
+                "-append", f"{self.cmdline} {extra.strip()}".strip()]
+
+
+def cross_accel_args(guest: GuestImage, **params: int) -> list[str]:
+    """A guest's arguments for a migration between accelerators (TCG source, KVM destination)."""
+    return ["-cpu", CROSS_ACCEL_CPU, *guest.args(CROSS_ACCEL_CMDLINE, **params)]
 
 
 @dataclass
@@ -73,6 +86,7 @@ class Settings:
     grow_mib: int = 0           # memory the workload takes while it runs, up to the switch-over (wl_grow_mib)
     passes_after: int = 2       # destination verification passes after completion
     postcopy_after_s: float = 0.0  # pre-copy before migrate-start-postcopy
+    precopy_cap_s: float = 300.0  # pre-copy that has not converged by then is cancelled: "not converged"
     boot_timeout: float = 180.0
     migrate_timeout: float = 600.0
     verify_timeout: float = 600.0
@@ -84,6 +98,10 @@ def guest_image() -> GuestImage:
                          stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
     d = Path(out)
     return GuestImage(d / "vmlinuz", d / "initrd.img", (d / "cmdline").read_text().strip())
+
+
+class MigrationTimeout(AssertionError):
+    """A migration still short of the awaited state at the deadline (pre-copy that does not converge)."""
 
 
 @dataclass
@@ -232,7 +250,8 @@ class Vm:
             await asyncio.sleep(self.serial_poll)
 
     async def wait_migration(self, states: set[str], timeout: float) -> dict[str, Any]:
-        """Poll query-migrate until its status is in ``states``; fail on 'failed'."""
+        """Poll query-migrate until its status is in ``states``; fail on 'failed', and with
+        :class:`MigrationTimeout` after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while True:
             info: dict[str, Any] = await self.cmd("query-migrate")
@@ -242,7 +261,7 @@ class Vm:
             if status == "failed":
                 raise AssertionError(f"{self.name}: migration failed: {info.get('error-desc', info)}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: migration still '{status}' after {timeout} s: {info}")
+                raise MigrationTimeout(f"{self.name}: migration still '{status}' after {timeout} s: {info}")
             await asyncio.sleep(0.1)
 
     async def capabilities(self) -> dict[str, bool]:

@@ -257,6 +257,7 @@ class Topology:
 
     name = "?"
     bind = "127.0.0.1"  # address destination sockets listen on
+    dst_accel = "tcg"   # the destination QEMU's accelerator
 
     def __init__(self, workdir: Path, extra_ports: dict[str, int] | None = None) -> None:
         self.workdir = workdir
@@ -271,7 +272,8 @@ class Topology:
         return self.guest_ports[name]
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "guest_ports": self.guest_ports, "host_ports": self.host_ports}
+        return {"name": self.name, "guest_ports": self.guest_ports, "host_ports": self.host_ports,
+                "dst_accel": self.dst_accel}
 
     async def __aenter__(self) -> Topology:
         await self.start()
@@ -361,11 +363,26 @@ class VmTopology(_AgentProcess):
     out_name = "vm-output.log"
 
     def __init__(self, workdir: Path, extra_ports: dict[str, int] | None = None, *,
-                 timeout: float = 3600, vm_args: list[str] | None = None) -> None:
+                 timeout: float = 3600, vm_args: list[str] | None = None, dst_accel: str = "tcg") -> None:
         super().__init__(workdir, extra_ports)
         self.host_ports = {name: free_port() for name in self.guest_ports}
         self.timeout = timeout
         self.vm_args = vm_args or []
+        self.dst_accel = dst_accel
+
+    async def start(self) -> None:
+        await super().start()
+        if self.dst_accel == "kvm":
+            await self.load_kvm()
+
+    async def load_kvm(self) -> None:
+        """KVM inside the test VM: TCG's ``-cpu max`` emulates SVM, so kvm_amd loads (nested)."""
+        load = "if grep -qw svm /proc/cpuinfo; then modprobe kvm_amd; else modprobe kvm_intel; fi && test -c /dev/kvm"
+        reply = await self.agent.request("run", 120, argv=["sh", "-c", load], limit=100)
+        if reply["returncode"]:
+            await self.stop()
+            raise AgentError(f"no KVM in the test VM for the destination ({reply['output'].strip()}): "
+                             "run with --dst-accel tcg")
 
     def command(self) -> list[str]:
         fwd = [a for name, g in self.guest_ports.items() for a in ("--hostfwd", f"{self.host_ports[name]}:{g}")]
@@ -402,7 +419,7 @@ class RemoteVm(Vm):
         self.tap = SerialTap(self.serial_path)
         self.out_path = ""
         bind = topo.bind
-        self.args = [*qemu_base_args(), "-name", name,
+        self.args = [*qemu_base_args(topo.dst_accel), "-name", name,
                      "-qmp", f"tcp:{bind}:{topo.guest_port('qmp')},server=on,wait=off",
                      "-chardev", f"socket,id=serial0,host={bind},port={topo.guest_port('serial')},"
                                  "server=on,wait=off",
