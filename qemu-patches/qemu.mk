@@ -49,14 +49,19 @@ bench-baseline: qemu qemu-guest venv
 		--command "$(strip make bench-baseline $(BENCH_BASELINE_ARGS))" --update-doc docs/performance.md \
 		$(BENCH_BASELINE_ARGS)
 
-# The race (issue 5): umem as the fourth mode, all four side by side, 3 runs each.
+# The race (issues 5 and 13): umem as the fourth mode, all four side by side, 3 runs each,
+# at each guest size of BENCH_E2E_SIZES, the destination under KVM in the test VM, the
+# link's limit after each round (docs/performance.md; ~35 min quiet). A quick one:
+# make bench-e2e BENCH_E2E_SIZES=512M BENCH_E2E_ARGS="--runs 1".
+BENCH_E2E_SIZES ?= 512M,1G,2G
 BENCH_E2E_ARGS ?=
 
 bench-e2e: qemu qemu-guest venv abi kmod
 	UMEM_CACHE=$(UMEM_CACHE) UMEM_QEMU=$(QEMU_BIN) $(QEMU_TEST_PYTHON) -m bench.race \
-		--modes precopy,postcopy,postcopy-preempt,umem --section race \
+		--modes precopy,postcopy,postcopy-preempt,umem --section race --ram $(BENCH_E2E_SIZES) \
 		--workdir build/bench-e2e --out build/bench-e2e.json \
-		--command "$(strip make bench-e2e $(BENCH_E2E_ARGS))" --update-doc docs/performance.md \
+		--command "$(strip make bench-e2e BENCH_E2E_SIZES=$(BENCH_E2E_SIZES) $(BENCH_E2E_ARGS))" \
+		--update-doc docs/performance.md \
 		$(BENCH_E2E_ARGS)
 
 # Where a umem run's time goes: one umem migration with the pull under py-spy,
