@@ -9,7 +9,7 @@
    ``migrate-incoming`` (postcopy-preempt needs the capability before the
    listener exists); a clock sample; ``migrate``; the mode's switch-over.
    A destination under another accelerator (KVM in the test VM) gets the
-   guest of :func:`~tests.harness.machine.cross_accel_args` on both sides.
+   guest of :func:`~tests.harness.machine.migration_guest_args` on both sides.
 4. Wait for ``completed`` on both sides (pre-copy: at most ``precopy_cap_s``,
    then it is cancelled and recorded as not converged), then for ``passes_after``
    verification passes on the destination that begin after completion (every
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.harness.machine import ACCEL, GuestImage, MigrationTimeout, Settings, WorkloadLog, cross_accel_args
+from tests.harness.machine import GuestImage, MigrationTimeout, Settings, WorkloadLog, migration_guest_args
 from tests.harness.topology import HostVm, Topology
 
 from .metrics import event_interval, heartbeat_gaps, page_requests, qemu_latency
@@ -65,8 +65,7 @@ async def run_once(topo: Topology, mode: Mode, guest: GuestImage, settings: Sett
 
 async def _migrate(ctx: RunContext, record: dict[str, Any]) -> None:
     mode, s, topo = ctx.mode, ctx.settings, ctx.topo
-    cross = topo.dst_accel != ACCEL
-    guest_args = ["-m", s.ram, *(cross_accel_args(ctx.guest, mib=s.mib) if cross else ctx.guest.args(mib=s.mib))]
+    guest_args = migration_guest_args(ctx.guest, s, topo.dst_accel)
     trace_log = topo.remote_path(f"{ctx.tag}.trace") if mode.trace_events else None
     async with HostVm(ctx.workdir, "src", [*guest_args, *mode.source_args(ctx)]) as src:
         ctx.src = src

@@ -10,7 +10,7 @@
 - :func:`run_qemu`: a short synchronous run, for command-line error checks.
 
 Every guest on the host runs under TCG: this host's KVM boots no standard guest (BRIEF §5).
-A destination under KVM (inside the test VM, nested) takes :func:`cross_accel_args` on both sides.
+A destination under KVM (inside the test VM, nested) takes :func:`migration_guest_args` on both sides.
 """
 
 from __future__ import annotations
@@ -72,11 +72,6 @@ class GuestImage:
                 "-append", f"{self.cmdline} {extra.strip()}".strip()]
 
 
-def cross_accel_args(guest: GuestImage, **params: int) -> list[str]:
-    """A guest's arguments for a migration between accelerators (TCG source, KVM destination)."""
-    return ["-cpu", CROSS_ACCEL_CPU, *guest.args(CROSS_ACCEL_CMDLINE, **params)]
-
-
 @dataclass
 class Settings:
     """What every run shares: the guest and the limits of one migration."""
@@ -90,6 +85,14 @@ class Settings:
     boot_timeout: float = 180.0
     migrate_timeout: float = 600.0
     verify_timeout: float = 600.0
+
+
+def migration_guest_args(guest: GuestImage, settings: Settings, dst_accel: str = ACCEL) -> list[str]:
+    """The guest's arguments on both sides of a migration: RAM, kernel, workload, and for a
+    destination under another accelerator than the source's the CPU and clock both can keep."""
+    cross = dst_accel != ACCEL
+    return ["-m", settings.ram, *(["-cpu", CROSS_ACCEL_CPU] if cross else []),
+            *guest.args(CROSS_ACCEL_CMDLINE if cross else "", mib=settings.mib, grow_mib=settings.grow_mib)]
 
 
 def guest_image() -> GuestImage:

@@ -54,6 +54,10 @@ from tests.harness import CHECKOUT
 from tests.harness.machine import Vm, qemu_base_args
 from tests.harness.net import free_port
 
+# The destination QEMU's accelerator in the test VM: KVM, nested under the test VM's emulated
+# SVM, as umem will run (its async page faults take the RETRY_NOWAIT path that TCG never
+# does); UMEM_DST_ACCEL=tcg for TCG in TCG.
+DST_ACCEL = os.environ.get("UMEM_DST_ACCEL", "kvm")
 READ_CHUNK = 4 << 20    # bytes per agent read (base64 on one line)
 LINE_LIMIT = 16 << 20   # the agent connection's line limit
 AGENT = CHECKOUT / "tests" / "harness" / "vm_agent.py"  # a script: standard library only
@@ -363,7 +367,7 @@ class VmTopology(_AgentProcess):
     out_name = "vm-output.log"
 
     def __init__(self, workdir: Path, extra_ports: dict[str, int] | None = None, *,
-                 timeout: float = 3600, vm_args: list[str] | None = None, dst_accel: str = "tcg") -> None:
+                 timeout: float = 3600, vm_args: list[str] | None = None, dst_accel: str = DST_ACCEL) -> None:
         super().__init__(workdir, extra_ports)
         self.host_ports = {name: free_port() for name in self.guest_ports}
         self.timeout = timeout
@@ -382,7 +386,7 @@ class VmTopology(_AgentProcess):
         if reply["returncode"]:
             await self.stop()
             raise AgentError(f"no KVM in the test VM for the destination ({reply['output'].strip()}): "
-                             "run with --dst-accel tcg")
+                             "set UMEM_DST_ACCEL=tcg (bench.race: --dst-accel tcg) for TCG in TCG")
 
     def command(self) -> list[str]:
         fwd = [a for name, g in self.guest_ports.items() for a in ("--hostfwd", f"{self.host_ports[name]}:{g}")]

@@ -42,7 +42,7 @@ from typing import Any
 from tests.harness import CHECKOUT
 from tests.harness.command import VENV_PYTHON, umemd_command
 from tests.harness.kmod import KMOD
-from tests.harness.machine import GuestImage, Settings, WorkloadLog
+from tests.harness.machine import GuestImage, Settings, WorkloadLog, migration_guest_args
 from tests.harness.topology import HostVm, Topology
 from umemd.cli import parse_size
 from umemd.protocol import PAGE_SIZE
@@ -292,7 +292,7 @@ async def booted_source(topo: Topology, guest: GuestImage, settings: Settings, w
     """The test guest running on the host (verified once), its umem side (``side``, or a plain one)
     and its guest arguments; the daemons are stopped and their logs saved at the end."""
     side = side or UmemSide(topo, workdir, name, parse_size(settings.ram))
-    guest_args = workload_args(guest, settings)
+    guest_args = migration_guest_args(guest, settings, topo.dst_accel)
     await insmod_on(topo)
     try:
         async with HostVm(workdir, "src", [*guest_args, *side.source_args()]) as src:
@@ -301,10 +301,6 @@ async def booted_source(topo: Topology, guest: GuestImage, settings: Settings, w
             yield side, src, guest_args
     finally:
         await side.stop()
-
-
-def workload_args(guest: GuestImage, settings: Settings) -> list[str]:
-    return ["-m", settings.ram, *guest.args(mib=settings.mib, grow_mib=settings.grow_mib)]
 
 
 async def _migrate_running(side: UmemSide, src: HostVm, guest_args: list[str], settings: Settings, *,
