@@ -163,6 +163,21 @@ def test_postcopy_preempt_run_in_the_host_topology(tmp_path: Path, guest: GuestI
     assert rec["qemu_latency"]["p50_ms"] > 0
 
 
+def test_a_destination_under_another_accelerator_than_asked_is_refused(tmp_path: Path) -> None:
+    """Every destination says which accelerator it runs: a KVM destination that silently fell
+    back to TCG would make the race measure TCG in TCG again."""
+    async def go() -> None:
+        async with HostTopology(tmp_path / "bench") as topo:
+            dst = topo.destination("dst-accel", ["-m", "64M", "-incoming", "defer"], tmp_path)
+            topo.dst_accel = "kvm"  # asked for after the command line was made: this QEMU runs TCG
+            with pytest.raises(RuntimeError, match="runs under tcg, not kvm as asked"):
+                async with dst:
+                    pass
+            assert await dst.exit_status() is not None, "the refused destination QEMU still runs"
+
+    asyncio.run(go())
+
+
 class _CappedPrecopy(Precopy):
     """Pre-copy at 1 MiB/s: it cannot converge within a second, whatever the machine's speed."""
 

@@ -422,6 +422,7 @@ class RemoteVm(Vm):
         self.trace_log = trace_log
         self.tap = SerialTap(self.serial_path)
         self.out_path = ""
+        self.accel = ""  # as the destination QEMU says, once started
         bind = topo.bind
         self.args = [*qemu_base_args(topo.dst_accel), "-name", name,
                      "-qmp", f"tcp:{bind}:{topo.guest_port('qmp')},server=on,wait=off",
@@ -449,6 +450,11 @@ class RemoteVm(Vm):
                     raise RuntimeError(f"{self.name}: no QMP greeting within 120 s: {last!r}") from e
                 await asyncio.sleep(0.5)
         await self.tap.start(self.topo.host_port("serial"), time.monotonic() + 30)
+        self.accel = "kvm" if (await self.cmd("query-kvm")).get("enabled") else "tcg"
+        if self.accel != self.topo.dst_accel:
+            await self.__aexit__(None, None, None)
+            raise RuntimeError(f"{self.name}: the destination QEMU runs under {self.accel}, "
+                               f"not {self.topo.dst_accel} as asked")
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
