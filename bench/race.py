@@ -25,7 +25,7 @@ from typing import Any
 
 from tests.harness import CHECKOUT
 from tests.harness.machine import Settings, guest_image, qemu_binary
-from tests.harness.topology import DST_ACCEL, HostTopology, Topology, VmTopology
+from tests.harness.topology import HostTopology, Topology, VmTopology
 from umemd.cli import parse_size
 from umemd.protocol import PAGE_SIZE
 
@@ -52,10 +52,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mib", type=int,
                    help=f"workload MiB (default: {WORKLOAD_SHARE:.0%} of the guest's RAM, 192 at 512M); "
                    "the hot set (wl_hot_mib) stays the guest's default")
-    p.add_argument("--dst-accel", choices=("kvm", "tcg"), default=DST_ACCEL,
-                   help="the destination QEMU's accelerator in the test VM (default $UMEM_DST_ACCEL or kvm: "
-                   "nested, under the test VM's emulated SVM; both guests then get the cross-accelerator "
-                   "CPU and clock)")
+    p.add_argument("--dst-accel", choices=("kvm", "tcg"), default="kvm",
+                   help="the destination QEMU's accelerator in the test VM (default kvm: nested, under the "
+                   "test VM's emulated SVM; both guests then get the cross-accelerator CPU and clock)")
     p.add_argument("--precopy-cap", type=float, default=300, metavar="S",
                    help="pre-copy still running after S seconds is cancelled and reported as not converged "
                    "(default 300)")
