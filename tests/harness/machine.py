@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import itertools
 import os
 import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -39,6 +41,23 @@ ACCEL = os.environ.get("UMEM_QEMU_ACCEL", "tcg")
 # migrated guest's clock stands still (docs/performance.md, "The destination under KVM").
 CROSS_ACCEL_CPU = "qemu64"
 CROSS_ACCEL_CMDLINE = "clocksource=hpet"
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_driver(signum: int = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn`` for the harness's host-side children (source QEMUs, ``umemd serve``):
+    the child gets ``signum`` when the driver that started it dies, however it dies (SIGKILL, a
+    CI timeout), instead of running on as an orphan: a TCG guest left behind spins a core."""
+    driver = os.getpid()
+
+    def arm() -> None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signum)
+        if os.getppid() != driver:  # the driver died before the line above
+            os._exit(1)
+    return arm
 
 
 def qemu_binary() -> Path:
@@ -184,8 +203,8 @@ class Vm:
 
     async def __aenter__(self) -> Vm:
         with self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
-                                         stdout=err, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT,
+                                         preexec_fn=die_with_driver())
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:

@@ -42,7 +42,7 @@ from typing import Any
 from tests.harness import CHECKOUT
 from tests.harness.command import VENV_PYTHON, umemd_command
 from tests.harness.kmod import KMOD
-from tests.harness.machine import GuestImage, Settings, WorkloadLog, migration_guest_args
+from tests.harness.machine import GuestImage, Settings, WorkloadLog, die_with_driver, migration_guest_args
 from tests.harness.topology import HostVm, Topology
 from umemd.cli import parse_size
 from umemd.protocol import PAGE_SIZE
@@ -176,7 +176,8 @@ class UmemSide:
                           "--migration-id", self.migration_id, *gate,
                           "--report", str(self.workdir / f"serve-{self.serves}.json"), *self.daemon_args, *extra,
                           verbose=True),
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=CHECKOUT)
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=CHECKOUT,
+            preexec_fn=die_with_driver(signal.SIGTERM))
         out.close()
         return self.serve_proc
 
