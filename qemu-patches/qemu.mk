@@ -51,7 +51,7 @@ bench-baseline: qemu qemu-guest venv
 
 # The race (issues 5 and 13): umem as the fourth mode, all four side by side, 3 runs each,
 # at each guest size of BENCH_E2E_SIZES, the destination under KVM in the test VM, the
-# link's limit after each round (docs/performance.md; ~35 min quiet). A quick one:
+# link's limit after each round (docs/performance.md; 22 min here). A quick one:
 # make bench-e2e BENCH_E2E_SIZES=512M BENCH_E2E_ARGS="--runs 1".
 BENCH_E2E_SIZES ?= 512M,1G,2G
 BENCH_E2E_ARGS ?=
