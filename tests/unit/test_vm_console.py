@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 
 from tests.harness.vm import console, initramfs
+from tests.harness.vm.__main__ import died_before_init
+from tests.harness.vm.qemu import RunResult
 
 CLEAN_BOOT = """\
 [    1.274533] mtrr: your CPUs had inconsistent fixed MTRR settings
@@ -117,3 +119,12 @@ def test_cpio_is_newc_with_aligned_entries() -> None:
     assert names == ["etc", "etc/umem-vm", "etc/umem-vm/run.conf", "bin", "bin/sh", "TRAILER!!!"]
     assert pos == len(data)
     assert gzip.decompress(initramfs.run_archive({"a": b"b"})).startswith(b"070701")
+
+
+def test_only_a_boot_that_died_before_its_init_started_is_booted_again() -> None:
+    assert died_before_init(RunResult(status=None, elapsed=4.8, problems=[], marker_seen=False))
+    # the init ran: whatever failed may be the checkout's
+    assert not died_before_init(RunResult(status=None, elapsed=60, problems=[], marker_seen=True))
+    assert not died_before_init(RunResult(status=1, elapsed=60, problems=[], marker_seen=True))
+    # a timeout may be the command's, even if the marker was lost
+    assert not died_before_init(RunResult(status=None, elapsed=900, problems=[], timed_out=True))

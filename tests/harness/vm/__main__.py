@@ -12,7 +12,7 @@ from tests.harness import CHECKOUT
 
 from .console import PATTERNS, excerpt
 from .initramfs import DEFAULT_CACHE_DIR, InitramfsError, cached_initramfs, find_kernel, find_kernel_in
-from .qemu import VMConfig, choose_accel, run_vm
+from .qemu import RunResult, VMConfig, choose_accel, run_vm
 
 # Exit codes of the harness itself (the command's own code is passed through).
 EXIT_TIMEOUT = 124
@@ -110,6 +110,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def died_before_init(result: RunResult) -> bool:
+    """A boot that ended without the init's first line: the kernel itself failed (seen once: the
+    debug kernel under TCG, "KASAN: wild-memory-access in do_raw_spin_lock" from an interrupt
+    in start_kernel), not the command, the module or anything else of the checkout: worth one
+    more boot. A timeout is not (it may be the command's)."""
+    return result.status is None and not result.marker_seen and not result.timed_out
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     # On SIGTERM, unwind: run_vm kills QEMU and removes its temporary files.
@@ -132,6 +140,13 @@ def main(argv: list[str]) -> int:
         print(f"umem-vm: kernel {kernel.release}, accel {cfg.accel} ({reason})", flush=True)
 
     result = run_vm(cfg)
+    if died_before_init(result):
+        first = cfg.console_log.with_suffix(".first-boot.log")
+        cfg.console_log.replace(first)
+        print(f"umem-vm: the kernel died before the init started, so before anything of the checkout "
+              f"ran ({'; '.join(str(p) for p in result.problems[:2]) or 'no exit status'}; console kept in "
+              f"{first}): booting once more", file=sys.stderr, flush=True)
+        result = run_vm(cfg)
     if not result.output_newline and sys.stdout.isatty():
         print(flush=True)
 
