@@ -25,8 +25,9 @@ ROUNDS = 2000  # round trips per probe
 
 
 def stream_file(directory: Path, size: int) -> Path:
-    """A file of ``size`` bytes, none of them zero (kept: the next probe of that size reuses it)."""
-    path = directory / f"stream-{size}.bin"
+    """``directory``/stream.bin, ``size`` bytes, none of them zero: one file, rewritten when the next
+    probe wants another size (each round's post-copy moves a few pages more or less)."""
+    path = directory / "stream.bin"
     if not path.exists() or path.stat().st_size != size:
         directory.mkdir(parents=True, exist_ok=True)
         block = bytes(range(1, 256)) * (MIB // 255 + 1)
