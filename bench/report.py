@@ -133,7 +133,7 @@ def table(records: list[dict[str, Any]], modes: list[tuple[str, str, bool]],
         link_get = LINK_CELLS.get(get)
         row(label, cells, cell([link_get(k) for k in good_links], fmt) if link_get else "n/a")
     if links is not None:
-        row("total time ÷ the raw stream of the same bytes, same round",
+        row("total time ÷ the raw stream's time, same round",
             [cell(_ratios(timed[n], good_links, TOTAL, LINK_STREAM_S), "{:.2f}") for n, _, _ in modes])
         row("page-request latency p50 ÷ the raw round trip's p50, same round",
             [cell(_ratios(timed[n], good_links, P50, LINK_RTT_P50), "{:.1f}") if pc else "n/a"

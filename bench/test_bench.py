@@ -264,7 +264,7 @@ def test_table_sets_each_run_beside_the_link_probe_of_its_own_round() -> None:
     assert "| pre-copy | postcopy-ram | link limit (raw TCP) |" in text
     assert "the pull's last fill) | 6.0 | 6.5 (4.0-9.0) | 3.2 (2.0-4.5) |" in text
     assert "| page-request latency p50, ms | n/a | 5.0 (2.0-8.0) | 2.5 (1.0-4.0) |" in text
-    assert "| total time ÷ the raw stream of the same bytes, same round | 2.17 (1.33-3.00) | 2.00 | n/a |" in text
+    assert "| total time ÷ the raw stream's time, same round | 2.17 (1.33-3.00) | 2.00 | n/a |" in text
     assert "| page-request latency p50 ÷ the raw round trip's p50, same round | n/a | 2.0 |" in text
     assert "| runs completed / run | 2 / 2 | 2 / 2 | 2 / 2 |" in text
 
