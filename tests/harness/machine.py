@@ -43,8 +43,8 @@ CROSS_ACCEL_CPU = "qemu64"
 CROSS_ACCEL_CMDLINE = "clocksource=hpet"
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
 
 
 def die_with_driver(signum: int = signal.SIGKILL) -> Callable[[], None]:
@@ -54,7 +54,7 @@ def die_with_driver(signum: int = signal.SIGKILL) -> Callable[[], None]:
     driver = os.getpid()
 
     def arm() -> None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, signum)
+        _PRCTL(PR_SET_PDEATHSIG, signum)
         if os.getppid() != driver:  # the driver died before the line above
             os._exit(1)
     return arm

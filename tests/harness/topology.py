@@ -480,7 +480,7 @@ class RemoteVm(Vm):
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if et is not None and self.pid:
+        if et is not None and issubclass(et, Exception) and self.pid:  # not on a cancellation
             with contextlib.suppress(Exception):
                 (self.stderr_path.parent / "dst.diagnosis").write_text(await self.diagnose())
         await self.quit(10)

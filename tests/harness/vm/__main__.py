@@ -142,7 +142,8 @@ def main(argv: list[str]) -> int:
     result = run_vm(cfg)
     if died_before_init(result):
         first = cfg.console_log.with_suffix(".first-boot.log")
-        cfg.console_log.replace(first)
+        if cfg.console_log.exists():
+            cfg.console_log.replace(first)
         print(f"umem-vm: the kernel died before the init started, so before anything of the checkout "
               f"ran ({'; '.join(str(p) for p in result.problems[:2]) or 'no exit status'}; console kept in "
               f"{first}): booting once more", file=sys.stderr, flush=True)
