@@ -19,6 +19,7 @@ from tests.harness import CHECKOUT
 from tests.harness.topology import Topology
 from umemd.protocol import PAGE_SIZE
 
+from .metrics import percentile
 from .raw_stream import ACK, MIB, answer_pings
 
 ROUNDS = 2000  # round trips per probe
@@ -56,12 +57,11 @@ async def _spawn(topo: Topology, name: str, *args: str) -> str:
 
 async def _finish(topo: Topology, name: str, out: str) -> str:
     """Wait for the destination side's end to exit by itself (it has seen the whole exchange)."""
-    deadline = time.monotonic() + 60
-    while (rc := (await topo.agent.request("poll", name=name))["returncode"]) is None:
-        if time.monotonic() > deadline:
-            await topo.agent.request("stop", 30, name=name, grace=5)
-            raise RuntimeError(f"{name} did not exit within 60 s of the end of its exchange")
-        await asyncio.sleep(0.1)
+    try:
+        rc = await topo.agent.wait_exit(name, 60, poll=0.1)
+    except TimeoutError:
+        await topo.agent.request("stop", 30, name=name, grace=5)
+        raise
     text = (await topo.agent.read_file(out)).decode()
     if rc:
         raise RuntimeError(f"{name} on the destination side exited {rc}: {text}")
@@ -97,10 +97,12 @@ async def round_trips(topo: Topology, rounds: int = ROUNDS) -> dict[str, Any]:
     """``rounds`` 8-byte requests from the destination side, each answered with a page."""
     out = await _spawn(topo, "raw-ping", "ping", str(rounds), str(PAGE_SIZE))
     answered = await asyncio.to_thread(_answer, topo.host_port("migration"))
-    result: dict[str, Any] = json.loads((await _finish(topo, "raw-ping", out)).splitlines()[-1])
-    if answered != rounds or result["rounds"] != rounds:
-        raise RuntimeError(f"{answered} of {rounds} round trips answered, {result['rounds']} timed")
-    return {**result, "page_bytes": PAGE_SIZE}
+    times_ns: list[int] = json.loads((await _finish(topo, "raw-ping", out)).splitlines()[-1])
+    if answered != rounds or len(times_ns) != rounds:
+        raise RuntimeError(f"{answered} of {rounds} round trips answered, {len(times_ns)} timed")
+    times_ms = [t / 1e6 for t in times_ns]
+    return {"rounds": rounds, "p50_ms": percentile(times_ms, 50), "p99_ms": percentile(times_ms, 99),
+            "page_bytes": PAGE_SIZE}
 
 
 async def probe(topo: Topology, path: Path) -> dict[str, Any]:

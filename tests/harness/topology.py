@@ -187,6 +187,16 @@ class AgentClient:
             raise AgentError(f"agent {op}: {reply.get('error')}")
         return reply
 
+    async def wait_exit(self, name: str, timeout: float, poll: float = 0.5) -> int:
+        """Wait for the agent's process ``name`` to exit; its exit status (TimeoutError after
+        ``timeout`` seconds, the process left running)."""
+        deadline = time.monotonic() + timeout
+        while (rc := (await self.request("poll", name=name))["returncode"]) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} still running after {timeout} s")
+            await asyncio.sleep(poll)
+        return int(rc)
+
     async def read_file(self, path: str, timeout: float = 60) -> bytes:
         chunks, offset = [], 0
         while True:

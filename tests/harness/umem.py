@@ -223,12 +223,7 @@ class UmemSide:
 
     async def wait_pull(self, timeout: float = 60) -> int:
         """Wait for the current pull to exit; its exit status."""
-        deadline = time.monotonic() + timeout
-        while (rc := (await self.topo.agent.request("poll", name=self.pull_name))["returncode"]) is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.pull_name} still running after {timeout} s")
-            await asyncio.sleep(0.5)
-        return int(rc)
+        return await self.topo.agent.wait_exit(self.pull_name, timeout)
 
     async def stop(self) -> None:
         """Stop whatever still runs; save the daemons' logs in the workdir."""
