@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.machine import GuestImage, Settings, WorkloadLog
-from tests.harness.topology import ClockSample, HostTopology, complete_lines
+from tests.harness.machine import GuestImage, Settings, WorkloadLog, complete_lines
+from tests.harness.topology import ClockSample, HostTopology
 from umemd.protocol import PAGE_SIZE
 
 from . import link, report

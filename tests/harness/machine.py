@@ -141,6 +141,11 @@ def run_qemu(*args: str, qmp_commands: list[str] | None = None, timeout: float =
     return QemuRun(p.returncode, p.stdout)
 
 
+def complete_lines(text: str) -> str:
+    """``text`` up to its last newline: a line still being written is not parsed."""
+    return text[: text.rfind("\n") + 1]
+
+
 _LINE = re.compile(r"UMEMWL (?P<tag>[A-Z]+)(?P<rest>.*)")
 _KV = re.compile(r"(\w+)=(\S+)")
 
@@ -238,8 +243,9 @@ class Vm:
         return await self.qmp.execute(command, args or None)
 
     def serial(self) -> str:
+        """The serial log's whole lines (QEMU may be writing the last one)."""
         try:
-            return self.serial_path.read_text(errors="replace")
+            return complete_lines(self.serial_path.read_text(errors="replace"))
         except FileNotFoundError:
             return ""
 

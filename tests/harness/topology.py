@@ -103,13 +103,8 @@ class TimedEvents(EventListener):
                  "data": e.get("data", {})} for a, e in self.log]
 
 
-def complete_lines(text: str) -> str:
-    """``text`` up to its last newline: a line still being written is not parsed."""
-    return text[: text.rfind("\n") + 1]
-
-
 class HostVm(Vm):
-    """The source: :class:`tests.harness.machine.Vm` with timed events and whole serial lines."""
+    """The source: :class:`tests.harness.machine.Vm` with timed events."""
 
     def __init__(self, workdir: Path, name: str, args: list[str]) -> None:
         super().__init__(workdir, name, args)
@@ -119,9 +114,6 @@ class HostVm(Vm):
     async def __aenter__(self) -> HostVm:
         await super().__aenter__()
         return self
-
-    def serial(self) -> str:
-        return complete_lines(super().serial())
 
 
 @dataclass(frozen=True)
@@ -527,9 +519,6 @@ class RemoteVm(Vm):
             return (await self.topo.agent.read_file(self.trace_log)).decode(errors="replace")
         except Exception:
             return ""
-
-    def serial(self) -> str:
-        return complete_lines(super().serial())
 
     async def exit_status(self) -> int | None:
         """The destination QEMU's exit status, as the agent sees it; None while it runs."""
